@@ -1,0 +1,35 @@
+# Both targets create or reuse .venv and install pinned dependencies themselves.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-base
+TSTAMP := $(VENV)/.stamp-test
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(TSTAMP): $(STAMP) requirements-test.lock
+	$(BIN)/pip install -q -r requirements-test.lock
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/streamcqsa demo
+
+test: $(TSTAMP)
+	$(BIN)/ruff check streamcqsa tests bench
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

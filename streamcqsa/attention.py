@@ -1,0 +1,193 @@
+"""In-memory exact CQS attention with SDPA's conventions, differentiable.
+
+The sequence is divided by a plan; every leaf task runs through the one task
+runner (``kernels.runner``); partials fold up the task tree chunk by chunk
+(``kernels.fold``). Backward is the exact CQS backward: each task's partial
+gradients from the global out and lse, added up the same tree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from streamcqsa.cqs.divide import Node, Plan, divide
+from streamcqsa.kernels.backend import Backend, get_backend
+from streamcqsa.kernels.fold import fold, gather_runs, merge_combine, sum_partials
+from streamcqsa.kernels.merge import empty_partial
+from streamcqsa.kernels.runner import WorkCounter
+from streamcqsa.kernels.runner import backward as task_backward
+from streamcqsa.kernels.runner import forward as task_forward
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@lru_cache(maxsize=64)
+def cached_plan(seq_len: int, itr: int, quorum: int | tuple[int, ...], is_causal: bool) -> Plan:
+    return divide(seq_len, itr, quorum, is_causal=is_causal)
+
+
+def validate(q: object, k: object, v: object, scale: object) -> float:
+    """Check SDPA-style inputs; return the scale to use."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES}")
+    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    b, h, lq, d = q.shape
+    bk, hk, lk, dk = k.shape
+    if b != bk:
+        raise ValueError(f"batch sizes differ: q has {b}, k/v have {bk}")
+    if d != dk:
+        raise ValueError(f"head dims differ: q has {d}, k/v have {dk}")
+    if lq != lk:
+        raise ValueError(f"q has {lq} tokens but k/v have {lk}: CQS self-attention needs Lq == Lk")
+    if lq < 1:
+        raise ValueError("sequence length must be >= 1")
+    if hk < 1 or h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {scale!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    return float(scale)
+
+
+def _check_itr(itr: object) -> int:
+    if isinstance(itr, bool) or not isinstance(itr, int):
+        raise TypeError(f"itr must be a non-negative int, got {itr!r}")
+    if itr < 0:
+        raise ValueError(f"itr must be >= 0, got {itr}")
+    return itr
+
+
+def _quorum_key(quorum: int | Sequence[int]) -> int | tuple[int, ...]:
+    if isinstance(quorum, Sequence) and not isinstance(quorum, (str, bytes)):
+        return tuple(quorum)
+    return quorum  # type: ignore[return-value]
+
+
+class Engine:
+    """Runs a plan over in-memory tensors; used by the autograd Function."""
+
+    def __init__(self, plan: Plan, backend: Backend, scale: float) -> None:
+        self.plan = plan
+        self.backend = backend
+        self.scale = scale
+        self.counter = WorkCounter()
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        dt = self.backend.compute_dtype(q.dtype, q.device)
+        return self._forward_node(self.plan.root, q, k, v, dt)
+
+    def _forward_node(self, node: Node, q: Tensor, k: Tensor, v: Tensor, dt: torch.dtype):
+        if node.is_leaf:
+            runs = node.runs
+            return task_forward(
+                gather_runs(q, runs, dt),
+                gather_runs(k, runs, dt),
+                gather_runs(v, runs, dt),
+                node.blocks,
+                scale=self.scale,
+                backend=self.backend,
+                counter=self.counter,
+            )
+        parts = {c: self._forward_node(self.plan.by_path[c], q, k, v, dt) for c in node.children}
+        shape = (*q.shape[:2], node.length, q.shape[3])
+        acc = empty_partial(shape, q.device)
+        return fold(self.plan.merge_sources(node), parts, acc, merge_combine)
+
+    def backward(
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor, lse: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dt = self.backend.compute_dtype(q.dtype, q.device)
+        return self._backward_node(self.plan.root, (q, k, v, dout, out, lse), dt)
+
+    def _backward_node(self, node: Node, xs: tuple[Tensor, ...], dt: torch.dtype):
+        q, k, v, dout, out, lse = xs
+        if node.is_leaf:
+            r = node.runs
+            return task_backward(
+                gather_runs(q, r, dt),
+                gather_runs(k, r, dt),
+                gather_runs(v, r, dt),
+                gather_runs(dout, r, dt),
+                gather_runs(out, r, dt),
+                gather_runs(lse, r),
+                node.blocks,
+                scale=self.scale,
+                backend=self.backend,
+                counter=self.counter,
+            )
+        parts = {c: self._backward_node(self.plan.by_path[c], xs, dt) for c in node.children}
+        n = node.length
+        acc = tuple(
+            torch.zeros((*t.shape[:2], n, t.shape[3]), dtype=torch.float32, device=t.device)
+            for t in (q, k, v)
+        )
+        return fold(self.plan.merge_sources(node), parts, acc, sum_partials)
+
+
+class _CQSAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, engine: Engine):  # noqa: ANN001, ANN205
+        out32, lse = engine.forward(q, k, v)
+        out = out32.to(q.dtype)
+        ctx.engine = engine
+        ctx.save_for_backward(q, k, v, out32, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):  # noqa: ANN001, ANN205
+        q, k, v, out32, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.engine.backward(q, k, v, dout, out32, lse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    itr: int = 1,
+    quorum: int | Sequence[int] = 3,
+    is_causal: bool = False,
+    scale: float | None = None,
+    backend: str | Backend = "auto",
+    return_lse: bool = False,
+    counter: WorkCounter | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention of q [B,H,L,D] over k, v [B,Hkv,L,D] by CQS division.
+
+    Matches ``scaled_dot_product_attention(q, k, v, is_causal=..., scale=...,
+    enable_gqa=True)``. ``itr`` levels of ``quorum`` (one k, or one per level)
+    divide the sequence; ``itr=0`` is one undivided task. With ``return_lse``
+    also returns the natural-log lse (fp32, [B,H,L]). ``counter`` receives the
+    score entries computed (forward and backward).
+    """
+    s = validate(q, k, v, scale)
+    itr = _check_itr(itr)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    plan = cached_plan(q.shape[2], itr, _quorum_key(quorum), is_causal)
+    engine = Engine(plan, get_backend(backend, q.device), s)
+    if counter is not None:
+        engine.counter = counter
+    out, lse = _CQSAttention.apply(q, k, v, engine)
+    return (out, lse) if return_lse else out

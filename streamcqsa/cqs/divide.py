@@ -1,0 +1,330 @@
+"""The recursive CQS divide: a pure plan of nodes, leaf tasks and their blocks.
+
+A node's tokens are a sorted list of global runs. Dividing a node splits its
+local sequence into n = k^2 - k + 1 chunks and makes n children; child i
+gathers the chunks {(i + d) mod n : d in D}, in position order, and owns the
+diagonal block of chunk i. Leaves carry the block structure a kernel needs;
+inner nodes carry what a merge needs (which rows of the node each child holds).
+Nothing here is per token: a node has O(itr * k) runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from streamcqsa.cqs.blocks import BlockList, Segment, build_blocks
+from streamcqsa.cqs.interest import chunk_count, interest_set
+
+Run = tuple[int, int]  # (start, length)
+
+DEFAULT_TILE = 128
+
+
+@dataclass(frozen=True)
+class Node:
+    """One subsequence of the recursion (the root is the whole sequence).
+
+    ``parent_ranges`` are the node's chunks as (start, length) in the parent's
+    local coordinates, in order; a merge scatters the node's rows there.
+    ``segments`` refine the node by every level's chunk so far (for leaves,
+    the segments the blocks are made of).
+    """
+
+    path: tuple[int, ...]
+    segments: tuple[Segment, ...]
+    parent_ranges: tuple[Run, ...]
+    blocks: BlockList | None = None  # leaves only
+    children: tuple[tuple[int, ...], ...] = ()  # inner nodes: paths, merge order
+    chunks: tuple[Run, ...] = ()  # inner nodes: the n chunks (local start, length)
+
+    @property
+    def depth(self) -> int:
+        return len(self.path)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.blocks is not None
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    @cached_property
+    def runs(self) -> tuple[Run, ...]:
+        """Global token runs, coalesced: what a gather reads."""
+        out: list[list[int]] = []
+        for s in self.segments:
+            if out and out[-1][0] + out[-1][1] == s.start:
+                out[-1][1] += s.length
+            else:
+                out.append([s.start, s.length])
+        return tuple((a, n) for a, n in out)
+
+    @property
+    def name(self) -> str:
+        """Stable id used for storage keys and progress (root is ``r``)."""
+        return "r" + "".join(f".{i}" for i in self.path)
+
+
+@dataclass(frozen=True)
+class MergeSource:
+    """Rows [start, start+length) of a node come from these children, at these
+    local offsets; an empty ``sources`` means the rows have no work at all."""
+
+    start: int
+    length: int
+    sources: tuple[tuple[tuple[int, ...], int], ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole divide for one sequence length: every node, leaves last per branch.
+
+    ``nodes`` is in post-order (children before parents, children in index
+    order), which is a valid execution order and the fixed merge order.
+    """
+
+    seq_len: int
+    itr: int
+    quorums: tuple[int, ...]
+    interest_sets: tuple[tuple[int, ...], ...]
+    is_causal: bool
+    tile: int
+    nodes: tuple[Node, ...] = field(repr=False)
+
+    @cached_property
+    def by_path(self) -> dict[tuple[int, ...], Node]:
+        return {n.path: n for n in self.nodes}
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[-1]
+
+    @property
+    def tasks(self) -> tuple[Node, ...]:
+        """Leaf tasks with something to compute, in post-order."""
+        return tuple(n for n in self.nodes if n.is_leaf)
+
+    @property
+    def entries(self) -> int:
+        """Score entries the block-sparse kernels compute."""
+        return sum(t.blocks.entries for t in self.tasks)  # type: ignore[union-attr]
+
+    @property
+    def dense_entries(self) -> int:
+        """Score entries the paper's dense masked leaves would evaluate."""
+        return sum(t.length**2 for t in self.tasks)
+
+    @property
+    def useful_entries(self) -> int:
+        n = self.seq_len
+        return n * (n + 1) // 2 if self.is_causal else n * n
+
+    def iter_tasks(self) -> Iterator[Node]:
+        return iter(self.tasks)
+
+    def merge_sources(self, node: Node) -> tuple[MergeSource, ...]:
+        """For each non-empty chunk of an inner node: where its rows live in the
+        children that hold it, in child order (the fixed merge order)."""
+        offsets: dict[tuple[int, ...], dict[int, int]] = {}
+        for child in node.children:
+            pos = 0
+            starts: dict[int, int] = {}
+            for a, n in self.by_path[child].parent_ranges:
+                starts[a] = pos
+                pos += n
+            offsets[child] = starts
+        out = []
+        for a, n in node.chunks:
+            if n == 0:
+                continue
+            src = tuple((c, offsets[c][a]) for c in node.children if a in offsets[c])
+            out.append(MergeSource(start=a, length=n, sources=src))
+        return tuple(out)
+
+
+def divide(
+    seq_len: int,
+    itr: int,
+    quorum: int | Sequence[int] = 3,
+    *,
+    is_causal: bool = False,
+    tile: int = DEFAULT_TILE,
+    interest_sets: Sequence[Sequence[int]] | None = None,
+) -> Plan:
+    """Divide ``seq_len`` tokens ``itr`` times; one quorum, or one per level.
+
+    Chunk boundaries fall on multiples of ``tile`` (halved as needed) so that
+    kernel tiles and store chunks rarely straddle segments. Empty nodes and
+    leaves with nothing to compute are left out of the plan.
+    """
+    seq_len = _check_int("seq_len", seq_len, minimum=1)
+    itr = _check_int("itr", itr, minimum=0)
+    tile = _check_int("tile", tile, minimum=1)
+    quorums = _quorums(quorum, itr)
+    if interest_sets is None:
+        sets = tuple(interest_set(k) for k in quorums)
+    else:
+        if len(interest_sets) != itr:
+            raise ValueError(f"interest_sets has {len(interest_sets)} entries; itr is {itr}")
+        sets = tuple(
+            interest_set(k, candidate=d) for k, d in zip(quorums, interest_sets, strict=True)
+        )
+    root = (Segment(start=0, length=seq_len, local_start=0, chunks=()),)
+    nodes: list[Node] = []
+    _build(root, (), ((0, seq_len),), quorums, sets, is_causal, tile, nodes)
+    return Plan(
+        seq_len=seq_len,
+        itr=itr,
+        quorums=quorums,
+        interest_sets=sets,
+        is_causal=bool(is_causal),
+        tile=tile,
+        nodes=tuple(nodes),
+    )
+
+
+def split_lengths(length: int, n: int, tile: int = DEFAULT_TILE) -> list[int]:
+    """Split ``length`` into ``n`` contiguous chunk lengths on a tile grid.
+
+    The grid is ``tile`` halved until every chunk can get at least one grid
+    unit (down to 1). Units are spread evenly, earlier chunks getting the
+    extra ones; the tail that is not a whole unit goes to the last chunk, so
+    every boundary but the sequence end stays on the grid.
+    """
+    g = tile
+    while g > 1 and length < n * g:
+        g //= 2
+    units, rest = divmod(length, g)
+    base, extra = divmod(units, n)
+    sizes = [(base + (1 if i < extra else 0)) * g for i in range(n)]
+    sizes[-1] += rest
+    return sizes
+
+
+def _build(
+    segments: tuple[Segment, ...],
+    path: tuple[int, ...],
+    parent_ranges: tuple[Run, ...],
+    quorums: tuple[int, ...],
+    sets: tuple[tuple[int, ...], ...],
+    is_causal: bool,
+    tile: int,
+    out: list[Node],
+) -> bool:
+    """Append the subtree of this node in post-order; False if it has no work."""
+    depth = len(path)
+    if depth == len(quorums):
+        blocks = build_blocks(segments, path, is_causal)
+        if not blocks.blocks:
+            return False
+        out.append(Node(path=path, segments=segments, parent_ranges=parent_ranges, blocks=blocks))
+        return True
+    k = quorums[depth]
+    n = chunk_count(k)
+    length = segments[-1].local_stop
+    sizes = split_lengths(length, n, tile)
+    starts = [0]
+    for s in sizes[:-1]:
+        starts.append(starts[-1] + s)
+    chunks = tuple(zip(starts, sizes, strict=True))
+    pieces = _cut(segments, chunks)  # per chunk: its segments, tagged with the chunk id
+    children: list[tuple[int, ...]] = []
+    for i in range(n):
+        members = sorted((i + d) % n for d in sets[depth])
+        child_segments: list[Segment] = []
+        ranges: list[Run] = []
+        pos = 0
+        for c in members:
+            if sizes[c] == 0:
+                continue
+            ranges.append(chunks[c])
+            for seg in pieces[c]:
+                child_segments.append(
+                    Segment(start=seg.start, length=seg.length, local_start=pos, chunks=seg.chunks)
+                )
+                pos += seg.length
+        if not child_segments:
+            continue
+        if _build(
+            tuple(child_segments), path + (i,), tuple(ranges), quorums, sets, is_causal, tile, out
+        ):
+            children.append(path + (i,))
+    if not children:
+        return False
+    out.append(
+        Node(
+            path=path,
+            segments=segments,
+            parent_ranges=parent_ranges,
+            children=tuple(children),
+            chunks=chunks,
+        )
+    )
+    return True
+
+
+def _cut(segments: tuple[Segment, ...], chunks: tuple[Run, ...]) -> list[list[Segment]]:
+    """Cut a node's segments at chunk boundaries; add the chunk id to each piece."""
+    out: list[list[Segment]] = [[] for _ in chunks]
+    si = 0
+    for c, (c0, clen) in enumerate(chunks):
+        c1 = c0 + clen
+        while si < len(segments) and clen:
+            seg = segments[si]
+            a = max(seg.local_start, c0)
+            z = min(seg.local_stop, c1)
+            if a < z:
+                out[c].append(
+                    Segment(
+                        start=seg.start + (a - seg.local_start),
+                        length=z - a,
+                        local_start=a,
+                        chunks=seg.chunks + (c,),
+                    )
+                )
+            if seg.local_stop <= c1:
+                si += 1
+            else:
+                break
+    return out
+
+
+def _quorums(quorum: int | Sequence[int], itr: int) -> tuple[int, ...]:
+    if isinstance(quorum, (bool, float, str, bytes)):
+        raise TypeError(f"quorum must be an int or a sequence of ints, got {quorum!r}")
+    if isinstance(quorum, Sequence):
+        qs = tuple(quorum)
+        if len(qs) != itr:
+            raise ValueError(f"quorum lists {len(qs)} levels but itr is {itr}")
+    else:
+        qs = (quorum,) * itr
+    for k in qs:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"quorum sizes must be ints, got {k!r}")
+        interest_set(k)  # raises ValueError naming the nearest valid k
+    return qs
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    v = int(value.__index__())  # type: ignore[attr-defined]
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def work_ratio(plan: Plan) -> float:
+    """Computed score entries over useful ones (1.0 means no redundant work)."""
+    return plan.entries / plan.useful_entries
+
+
+def dense_ratio(plan: Plan) -> float:
+    """The paper's dense-leaf work over L^2 (e.g. (k^2/n)^itr when evenly split)."""
+    return plan.dense_entries / (plan.seq_len**2)
+
+
+__all__ = ["MergeSource", "Node", "Plan", "divide", "split_lengths", "work_ratio", "dense_ratio"]

@@ -1,0 +1,70 @@
+"""Fold children's partials into their parent's, chunk by chunk, in fixed order.
+
+Forward partials merge by lse; gradient partials add. Both go chunk by chunk
+of the parent in child order, so any executor that folds the same chunks
+(whole or in row pieces) gets the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from streamcqsa.cqs.divide import MergeSource
+from streamcqsa.kernels.merge import merge_partials
+
+Path = tuple[int, ...]
+
+
+def sum_partials(parts: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Add gradient partials in order (fp32)."""
+    acc = tuple(t.clone() for t in parts[0])
+    for p in parts[1:]:
+        for a, t in zip(acc, p, strict=True):
+            a += t
+    return acc
+
+
+def fold(
+    sources: Sequence[MergeSource],
+    parts: Mapping[Path, tuple[Tensor, ...]],
+    out: tuple[Tensor, ...],
+    combine: Callable[[Sequence[tuple[Tensor, ...]]], tuple[Tensor, ...]],
+) -> tuple[Tensor, ...]:
+    """Write the fold of ``parts`` into the preallocated parent tensors ``out``.
+
+    Every tensor is [B, H, rows, ...]; rows of chunks with no sources keep
+    whatever ``out`` was initialised to (the merge identity).
+    """
+    for src in sources:
+        if not src.sources:
+            continue
+        pieces = [
+            tuple(t[:, :, off : off + src.length] for t in parts[path]) for path, off in src.sources
+        ]
+        merged = combine(pieces)
+        for dst, m in zip(out, merged, strict=True):
+            dst[:, :, src.start : src.start + src.length] = m
+    return out
+
+
+def gather_runs(
+    x: Tensor, runs: Sequence[tuple[int, int]], dtype: torch.dtype | None = None
+) -> Tensor:
+    """Token runs of x [B, H, L, ...] as one tensor, cast once (a view if one run)."""
+    total = sum(n for _, n in runs)
+    if len(runs) == 1 and (dtype is None or dtype == x.dtype):
+        a, n = runs[0]
+        return x[:, :, a : a + n]
+    dst = torch.empty((*x.shape[:2], total, *x.shape[3:]), dtype=dtype or x.dtype, device=x.device)
+    pos = 0
+    for a, n in runs:
+        dst[:, :, pos : pos + n] = x[:, :, a : a + n]
+        pos += n
+    return dst
+
+
+def merge_combine(parts: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    return merge_partials([(p[0], p[1]) for p in parts])

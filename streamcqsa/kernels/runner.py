@@ -1,0 +1,128 @@
+"""Run one task: its gathered q, k, v and its blocks in, its partial out.
+
+This is the only place that loops over a task's blocks. The in-memory
+``streamcqsa.attention`` and the store pipeline both call it, so both compute
+bit-identical partials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from streamcqsa.cqs.blocks import BlockList
+from streamcqsa.kernels.backend import Backend, get_backend
+from streamcqsa.kernels.merge import empty_partial, merge_partials
+
+
+@dataclass
+class WorkCounter:
+    """Score entries computed (summed over batch and heads) and kernel calls."""
+
+    entries: int = 0
+    calls: int = 0
+
+    def add(self, entries: int, calls: int = 1) -> None:
+        self.entries += entries
+        self.calls += calls
+
+
+def _check(blocks: BlockList, q: Tensor, is_causal: bool | None) -> None:
+    if is_causal is not None and bool(is_causal) != blocks.is_causal:
+        raise ValueError(
+            f"blocks were planned with is_causal={blocks.is_causal}, called with {is_causal}"
+        )
+    if q.shape[2] != blocks.length:
+        raise ValueError(f"task has {blocks.length} tokens but q has {q.shape[2]}")
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    blocks: BlockList,
+    is_causal: bool | None = None,
+    scale: float | None = None,
+    *,
+    backend: str | Backend = "auto",
+    counter: WorkCounter | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Partial (out fp32 [B,H,L,D], lse fp32 [B,H,L]) of one task.
+
+    Rows with no block stay empty (out 0, lse -inf). Several blocks on the
+    same rows are merged in block order.
+    """
+    _check(blocks, q, is_causal)
+    be = get_backend(backend, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = empty_partial(q.shape, q.device)
+    bh = q.shape[0] * q.shape[1]
+    for qa, qz, group in blocks.query_groups():
+        qs = q[:, :, qa:qz]
+        parts = []
+        for b in group:
+            o, s = be.block_forward(
+                qs,
+                k[:, :, b.k_start : b.k_stop],
+                v[:, :, b.k_start : b.k_stop],
+                causal=b.causal,
+                scale=scale,
+            )
+            parts.append((o.float(), s.float()))
+            if counter is not None:
+                counter.add(b.entries * bh)
+        o, s = merge_partials(parts)
+        out[:, :, qa:qz] = o
+        lse[:, :, qa:qz] = s
+    return out, lse
+
+
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    blocks: BlockList,
+    is_causal: bool | None = None,
+    scale: float | None = None,
+    *,
+    backend: str | Backend = "auto",
+    counter: WorkCounter | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Partial (dq, dk, dv) fp32 of one task, from the *global* out and lse rows.
+
+    Per block: P = exp(S * scale - lse), so every block's gradients are exact
+    partials of the full gradient and simply add up.
+    """
+    _check(blocks, q, is_causal)
+    be = get_backend(backend, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    out = out.to(q.dtype)
+    dout = dout.to(q.dtype)
+    bh = q.shape[0] * q.shape[1]
+    for b in blocks.blocks:
+        qr = slice(b.q_start, b.q_stop)
+        kr = slice(b.k_start, b.k_stop)
+        gq, gk, gv = be.block_backward(
+            dout[:, :, qr],
+            q[:, :, qr],
+            k[:, :, kr],
+            v[:, :, kr],
+            out[:, :, qr],
+            lse[:, :, qr],
+            causal=b.causal,
+            scale=scale,
+        )
+        dq[:, :, qr] += gq
+        dk[:, :, kr] += gk
+        dv[:, :, kr] += gv
+        if counter is not None:
+            counter.add(2 * b.entries * bh)
+    return dq, dk, dv

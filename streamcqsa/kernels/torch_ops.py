@@ -1,0 +1,112 @@
+"""PyTorch's private attention ops that return lse: the default backend.
+
+CPU: the flash op for CPU (GQA by broadcast, top-left causal). Half types are
+computed in fp32 on CPU: as fast as the half kernels there and more exact.
+CUDA: the flash op for fp16/bf16, the memory-efficient op otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from streamcqsa.kernels.backend import Backend
+
+aten = torch.ops.aten
+
+
+def _expand_kv(k: Tensor, heads: int) -> Tensor:
+    if k.shape[1] == heads:
+        return k
+    return k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
+def _reduce_kv(dk: Tensor, kv_heads: int) -> Tensor:
+    if dk.shape[1] == kv_heads:
+        return dk
+    b, h, n, d = dk.shape
+    return dk.view(b, kv_heads, h // kv_heads, n, d).sum(dim=2)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        if device.type == "cpu":
+            return torch.float32
+        return dtype
+
+    def block_forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        if q.device.type == "cpu":
+            return aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, causal, scale=scale
+            )
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        if q.dtype in (torch.float16, torch.bfloat16):
+            res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            return res[0], res[1]
+        res = aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )
+        return res[0], res[1][..., : q.shape[2]]
+
+    def block_backward(
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        *,
+        causal: bool,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if q.device.type == "cpu":
+            return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout, q, k, v, out, lse, 0.0, causal, scale=scale
+            )
+        kv_heads = k.shape[1]
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        dout, out = dout.to(q.dtype), out.to(q.dtype)
+        if q.dtype in (torch.float16, torch.bfloat16):
+            m, n = q.shape[2], k.shape[2]
+            empty = torch.empty(0, dtype=torch.int64, device=q.device)
+            seed = torch.zeros((), dtype=torch.int64)
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse.contiguous(),
+                empty,
+                empty,
+                m,
+                n,
+                0.0,
+                causal,
+                seed,
+                seed,
+                scale=scale,
+            )[:3]
+        else:
+            seed = torch.zeros((), dtype=torch.int64, device=q.device)
+            dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+                dout,
+                q,
+                k,
+                v,
+                None,
+                out,
+                lse.contiguous(),
+                seed,
+                seed,
+                0.0,
+                [True, True, True, False],
+                causal,
+                scale=scale,
+            )
+        return dq, _reduce_kv(dk, kv_heads), _reduce_kv(dv, kv_heads)
