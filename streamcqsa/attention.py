@@ -18,7 +18,6 @@ from torch import Tensor
 from streamcqsa.cqs.divide import Node, Plan, divide
 from streamcqsa.kernels.backend import Backend, get_backend
 from streamcqsa.kernels.fold import fold, gather_runs, merge_combine, sum_partials
-from streamcqsa.kernels.merge import empty_partial
 from streamcqsa.kernels.runner import WorkCounter
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
@@ -109,8 +108,11 @@ class Engine:
             )
         parts = {c: self._forward_node(self.plan.by_path[c], q, k, v, dt) for c in node.children}
         shape = (*q.shape[:2], node.length, q.shape[3])
-        acc = empty_partial(shape, q.device)
-        return fold(self.plan.merge_sources(node), parts, acc, merge_combine)
+        acc = (
+            torch.empty(shape, dtype=torch.float32, device=q.device),
+            torch.empty(shape[:-1], dtype=torch.float32, device=q.device),
+        )
+        return fold(self.plan.merge_sources(node), parts, acc, merge_combine, (0.0, -math.inf))
 
     def backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor, lse: Tensor
@@ -137,10 +139,10 @@ class Engine:
         parts = {c: self._backward_node(self.plan.by_path[c], xs, dt) for c in node.children}
         n = node.length
         acc = tuple(
-            torch.zeros((*t.shape[:2], n, t.shape[3]), dtype=torch.float32, device=t.device)
+            torch.empty((*t.shape[:2], n, t.shape[3]), dtype=torch.float32, device=t.device)
             for t in (q, k, v)
         )
-        return fold(self.plan.merge_sources(node), parts, acc, sum_partials)
+        return fold(self.plan.merge_sources(node), parts, acc, sum_partials, (0.0, 0.0, 0.0))
 
 
 class _CQSAttention(torch.autograd.Function):

@@ -12,6 +12,7 @@ rectangles (or causal triangles) of the local sequence that must be computed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class Block:
 
     ``causal`` blocks are square diagonal blocks with the top-left causal mask;
     since a task's local order is the global order, that is exactly the global
-    causal mask there.
+    causal mask there. ``fresh`` says no earlier block of the task touched
+    these rows, so a kernel may write instead of merge.
     """
 
     q_start: int
@@ -46,6 +48,7 @@ class Block:
     k_start: int
     k_stop: int
     causal: bool = False
+    fresh: bool = True
 
     @property
     def entries(self) -> int:
@@ -58,29 +61,27 @@ class Block:
 
 @dataclass(frozen=True)
 class BlockList:
-    """All blocks of one task, grouped by query range in local order.
+    """All blocks of one task, in the fixed order their partials are merged.
 
-    Blocks that share a query range are listed together so that a kernel can
-    fold their partials into those rows in a fixed order.
+    ``empty_rows`` are local row ranges no block reaches (their partial is the
+    merge identity).
     """
 
     length: int
     blocks: tuple[Block, ...]
     is_causal: bool
+    empty_rows: tuple[tuple[int, int], ...] = ()
 
     @property
     def entries(self) -> int:
         return sum(b.entries for b in self.blocks)
 
-    def query_groups(self) -> tuple[tuple[int, int, tuple[Block, ...]], ...]:
-        """``(q_start, q_stop, blocks)`` for each query range, in order."""
-        groups: list[tuple[int, int, list[Block]]] = []
-        for b in self.blocks:
-            if groups and groups[-1][0] == b.q_start and groups[-1][1] == b.q_stop:
-                groups[-1][2].append(b)
-            else:
-                groups.append((b.q_start, b.q_stop, [b]))
-        return tuple((a, z, tuple(bs)) for a, z, bs in groups)
+
+# Relative throughput of CPU/GPU flash kernels by query rows per call: small
+# query blocks use small tiles. Only the ranking matters to the cover below.
+def _efficiency(rows: int, causal: bool) -> float:
+    base = 0.71 if rows >= 768 else 0.62 if rows >= 192 else 0.56
+    return base * (0.5 if causal else 1.0)
 
 
 def build_blocks(
@@ -89,30 +90,91 @@ def build_blocks(
     """Blocks for a task whose level-l owned chunk is ``owners[l]``.
 
     Segment pair (s, t) is masked iff at some level both lie in the same chunk
-    and the task does not own that chunk. Consecutive query segments with the
-    same key set share one query range, so a kernel sees few, large blocks.
+    and the task does not own that chunk. The allowed segment pairs (below
+    the diagonal when causal) are covered greedily by the rectangles and
+    diagonal triangles that cost least per entry, so kernels see few, tall
+    blocks and never a masked one.
     """
     n = len(segments)
     length = segments[-1].local_stop if segments else 0
-    allowed = [_allowed_mask(segments, s, owners) for s in range(n)]
+    allowed = tuple(_allowed_mask(segments, s, owners) for s in range(n))
+    lengths = tuple(seg.length for seg in segments)
+    cover = _cover(allowed, lengths, is_causal)
     blocks: list[Block] = []
-    s = 0
-    while s < n:
-        if is_causal:
-            e = _causal_group_end(allowed, s)
-            before = allowed[s] & ((1 << s) - 1)
-            for a, z in _runs(before, n):
-                blocks.append(_block(segments, s, e, a, z, False))
-            if allowed[s] >> s & 1:
-                blocks.append(_block(segments, s, e, s, e, True))
-        else:
-            e = s + 1
-            while e < n and allowed[e] == allowed[s]:
-                e += 1
-            for a, z in _runs(allowed[s], n):
-                blocks.append(_block(segments, s, e, a, z, False))
-        s = e
-    return BlockList(length=length, blocks=tuple(blocks), is_causal=is_causal)
+    touched = 0
+    for ra, rz, ca, cz, tri in cover:
+        rows = ((1 << rz) - 1) & ~((1 << ra) - 1)
+        blocks.append(
+            Block(
+                q_start=segments[ra].local_start,
+                q_stop=segments[rz - 1].local_stop,
+                k_start=segments[ca].local_start,
+                k_stop=segments[cz - 1].local_stop,
+                causal=tri,
+                fresh=not touched & rows,
+            )
+        )
+        touched |= rows
+    empty = tuple(
+        (segments[a].local_start, segments[z - 1].local_stop)
+        for a, z in _runs(~touched & ((1 << n) - 1), n)
+    )
+    return BlockList(length=length, blocks=tuple(blocks), is_causal=is_causal, empty_rows=empty)
+
+
+@lru_cache(maxsize=4096)
+def _cover(
+    allowed: tuple[int, ...], lengths: tuple[int, ...], causal: bool
+) -> tuple[tuple[int, int, int, int, bool], ...]:
+    """Greedy cover of the allowed cells by (rows, cols, triangle) rectangles.
+
+    Each step takes the candidate with the largest estimated time saving
+    (entries over efficiency); segment counts are small (<= itr * (k-1) + 1).
+    """
+    n = len(allowed)
+    remaining = [
+        allowed[s] & (((1 << (s + 1)) - 1) if causal else -1) & ((1 << n) - 1) for s in range(n)
+    ]
+    starts = [0]
+    for x in lengths:
+        starts.append(starts[-1] + x)
+    picked: list[tuple[int, int, int, int, bool]] = []
+    while any(remaining):
+        best: tuple[float, int, int, int, int, bool] | None = None
+        for ra in range(n):
+            cols = (1 << n) - 1
+            if causal:
+                cols &= (1 << ra) - 1  # rectangles strictly below the diagonal
+            tri_ok = causal
+            for rz in range(ra + 1, n + 1):
+                r = rz - 1
+                cols &= remaining[r]
+                rows = starts[rz] - starts[ra]
+                if tri_ok:
+                    need = ((1 << (r + 1)) - 1) & ~((1 << ra) - 1)
+                    tri_ok = remaining[r] & need == need
+                    if tri_ok:
+                        score = rows * (rows + 1) / 2 / _efficiency(rows, True)
+                        cand = (score, ra, rz, ra, rz, True)
+                        if best is None or cand[0] > best[0]:
+                            best = cand
+                if not cols and not tri_ok:
+                    break
+                for ca, cz in _runs(cols, n):
+                    width = starts[cz] - starts[ca]
+                    score = rows * width / _efficiency(rows, False)
+                    if best is None or score > best[0]:
+                        best = (score, ra, rz, ca, cz, False)
+        assert best is not None
+        _, ra, rz, ca, cz, tri = best
+        for r in range(ra, rz):
+            if tri:
+                remaining[r] &= ~(((1 << (r + 1)) - 1) & ~((1 << ra) - 1))
+            else:
+                remaining[r] &= ~(((1 << cz) - 1) & ~((1 << ca) - 1))
+        picked.append((ra, rz, ca, cz, tri))
+    picked.sort()
+    return tuple(picked)
 
 
 def _allowed_mask(segments: tuple[Segment, ...], s: int, owners: tuple[int, ...]) -> int:
@@ -124,26 +186,6 @@ def _allowed_mask(segments: tuple[Segment, ...], s: int, owners: tuple[int, ...]
         if ok:
             mask |= 1 << t
     return mask
-
-
-def _causal_group_end(allowed: list[int], s: int) -> int:
-    """Extend a causal query group while one triangle plus one key set still fits.
-
-    Segments s..e-1 can share calls if they all see the same keys before s and
-    see each other (then the group's diagonal is one causal triangle), or if
-    none of them sees its own group (no triangle at all).
-    """
-    n = len(allowed)
-    prefix = (1 << s) - 1
-    diag = allowed[s] >> s & 1
-    e = s + 1
-    while e < n and allowed[e] & prefix == allowed[s] & prefix:
-        group = allowed[e] & ((1 << (e + 1)) - 1) & ~prefix
-        full = ((1 << (e + 1)) - 1) & ~prefix
-        if group != (full if diag else 0):
-            break
-        e += 1
-    return e
 
 
 def _runs(mask: int, n: int) -> list[tuple[int, int]]:
@@ -159,15 +201,3 @@ def _runs(mask: int, n: int) -> list[tuple[int, int]]:
         else:
             t += 1
     return out
-
-
-def _block(
-    segments: tuple[Segment, ...], qa: int, qz: int, ka: int, kz: int, causal: bool
-) -> Block:
-    return Block(
-        q_start=segments[qa].local_start,
-        q_stop=segments[qz - 1].local_stop,
-        k_start=segments[ka].local_start,
-        k_stop=segments[kz - 1].local_stop,
-        causal=causal,
-    )

@@ -29,34 +29,60 @@ def normalize_empty_rows(out: Tensor, lse: Tensor) -> Tensor:
     return torch.where(empty, torch.full_like(lse, float("-inf")), lse)
 
 
-def merge_partials(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def merge_partials(
+    parts: Sequence[tuple[Tensor, Tensor]],
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Merge partials over the same rows, in the given order; fp32 in and out.
 
     out = sum_j w_j out_j / sum_j w_j with w_j = exp(lse_j - max_j lse_j),
     lse = max + log(sum_j w_j). Rows where every part is empty stay empty.
+    With ``out`` the result is written into those (out, lse) tensors.
     """
     if not parts:
         raise ValueError("merge_partials needs at least one partial")
     if len(parts) == 1:
-        return parts[0]
-    lses = [lse for _, lse in parts]
-    m = lses[0]
-    for lse in lses[1:]:
-        m = torch.maximum(m, lse)
-    pos_inf = torch.isposinf(m)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    weights = [
-        torch.where(pos_inf, torch.isposinf(lse).to(lse.dtype), torch.exp(lse - m_safe))
-        for lse in lses
-    ]
-    total = weights[0]
-    for w in weights[1:]:
-        total = total + w
-    nonzero = total > 0
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, total, torch.ones_like(total)), 0.0)
-    out = parts[0][0] * (weights[0] * inv).unsqueeze(-1)
-    for (o, _), w in zip(parts[1:], weights[1:], strict=True):
-        out.addcmul_(o, (w * inv).unsqueeze(-1))
-    lse = torch.where(nonzero, m_safe + torch.log(torch.where(nonzero, total, 1.0)), float("-inf"))
-    lse = torch.where(pos_inf, m, lse)
-    return out, lse
+        if out is None:
+            return parts[0]
+        out[0].copy_(parts[0][0])
+        out[1].copy_(parts[0][1])
+        return out
+    lses = torch.stack([lse for _, lse in parts])
+    m = lses.amax(dim=0)
+    if torch.isposinf(m).any():
+        return _merge_with_posinf(parts, lses, m, out)
+    m_safe = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+    w = torch.exp(lses - m_safe)
+    total = w.sum(dim=0)
+    lse = m_safe + torch.log(total)  # total == 0 (all empty) gives -inf
+    # total is 0 or >= 1 (the max term is exp(0)), so clamping only fixes 0/0
+    c = (w / total.clamp_min(1.0)).unsqueeze(-1)
+    acc = torch.mul(parts[0][0], c[0], out=out[0] if out else None)
+    for j in range(1, len(parts)):
+        acc.addcmul_(parts[j][0], c[j])
+    if out is not None:
+        out[1].copy_(lse)
+        return out
+    return acc, lse
+
+
+def _merge_with_posinf(
+    parts: Sequence[tuple[Tensor, Tensor]],
+    lses: Tensor,
+    m: Tensor,
+    out: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """Rows whose max lse is +inf: the +inf parts share the row equally."""
+    pos = torch.isposinf(m)
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)
+    w = torch.where(pos, torch.isposinf(lses).to(lses.dtype), torch.exp(lses - m_safe))
+    total = w.sum(dim=0)
+    lse = torch.where(pos, m, m_safe + torch.log(total))
+    c = (w / total.clamp_min(1.0)).unsqueeze(-1)
+    acc = torch.mul(parts[0][0], c[0], out=out[0] if out else None)
+    for j in range(1, len(parts)):
+        acc.addcmul_(parts[j][0], c[j])
+    if out is not None:
+        out[1].copy_(lse)
+        return out
+    return acc, lse

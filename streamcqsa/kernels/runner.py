@@ -14,7 +14,7 @@ from torch import Tensor
 
 from streamcqsa.cqs.blocks import BlockList
 from streamcqsa.kernels.backend import Backend, get_backend
-from streamcqsa.kernels.merge import empty_partial, merge_partials
+from streamcqsa.kernels.merge import merge_partials
 
 
 @dataclass
@@ -51,31 +51,39 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """Partial (out fp32 [B,H,L,D], lse fp32 [B,H,L]) of one task.
 
-    Rows with no block stay empty (out 0, lse -inf). Several blocks on the
-    same rows are merged in block order.
+    Rows with no block stay empty (out 0, lse -inf). Blocks that reach rows
+    already written merge into them, in block order.
     """
     _check(blocks, q, is_causal)
     be = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = empty_partial(q.shape, q.device)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if all(b.fresh for b in blocks.blocks):
+        for a, z in blocks.empty_rows:
+            out[:, :, a:z] = 0.0
+            lse[:, :, a:z] = float("-inf")
+    else:  # some block merges over rows partly untouched: start from the identity
+        out.zero_()
+        lse.fill_(float("-inf"))
     bh = q.shape[0] * q.shape[1]
-    for qa, qz, group in blocks.query_groups():
-        qs = q[:, :, qa:qz]
-        parts = []
-        for b in group:
-            o, s = be.block_forward(
-                qs,
-                k[:, :, b.k_start : b.k_stop],
-                v[:, :, b.k_start : b.k_stop],
-                causal=b.causal,
-                scale=scale,
-            )
-            parts.append((o.float(), s.float()))
-            if counter is not None:
-                counter.add(b.entries * bh)
-        o, s = merge_partials(parts)
-        out[:, :, qa:qz] = o
-        lse[:, :, qa:qz] = s
+    for b in blocks.blocks:
+        rows = slice(b.q_start, b.q_stop)
+        o, s = be.block_forward(
+            q[:, :, rows],
+            k[:, :, b.k_start : b.k_stop],
+            v[:, :, b.k_start : b.k_stop],
+            causal=b.causal,
+            scale=scale,
+        )
+        dst = (out[:, :, rows], lse[:, :, rows])
+        if b.fresh:  # merging into the identity would give these same bits
+            dst[0].copy_(o)
+            dst[1].copy_(s)
+        else:
+            merge_partials([dst, (o.float(), s.float())], out=dst)
+        if counter is not None:
+            counter.add(b.entries * bh)
     return out, lse
 
 
