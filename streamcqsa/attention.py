@@ -151,14 +151,15 @@ class _CQSAttention(torch.autograd.Function):
         out32, lse = engine.forward(q, k, v)
         out = out32.to(q.dtype)
         ctx.engine = engine
-        ctx.save_for_backward(q, k, v, out32, lse)
+        # like SDPA, backward uses the output as returned (what a store keeps)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):  # noqa: ANN001, ANN205
-        q, k, v, out32, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.engine.backward(q, k, v, dout, out32, lse)
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.engine.backward(q, k, v, dout, out, lse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

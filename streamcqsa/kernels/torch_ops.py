@@ -32,7 +32,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        if device.type == "cpu":
+        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
             return torch.float32
         return dtype
 

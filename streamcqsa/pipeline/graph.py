@@ -1,0 +1,61 @@
+"""The Dask graph of a pass: the task tree, once per (batch, head group).
+
+Keys are tuples. A leaf unit depends on nothing; a merge unit of a node
+depends on a barrier of each child (which depends on all of that child's
+units), so edges stay linear in the number of units. With
+``keep_partials=False`` the node's barrier also deletes its children's
+partials, after every chunk row of the node is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamcqsa.pipeline.steps import Context, clean_node, run_unit
+from streamcqsa.storage.partials import Unit
+
+
+def _barrier(*_deps: Any) -> int:
+    return 0
+
+
+def unit_key(ctx: Context, u: Unit) -> tuple:
+    return (f"{ctx.kind}-{u.kind}", u.b, u.g, u.node, u.piece)
+
+
+def build_graph(
+    ctx: Context, *, keep_partials: bool = True, skip: set[int] | frozenset[int] = frozenset()
+) -> tuple[dict, list, list]:
+    """(graph, final keys, unit keys). Units whose index is in ``skip`` are done
+    already and left out (their barriers stay, with no dependencies)."""
+    lay = ctx.layout
+    plan = lay.plan
+    dsk: dict = {}
+    unit_keys: list = []
+    finals: list = []
+    for b in range(lay.problem.batch):
+        for g in range(lay.groups):
+            barrier: dict[tuple[int, ...], tuple] = {}
+            for node in plan.nodes:
+                deps = [barrier[c] for c in node.children]
+                keys = []
+                pieces = (
+                    [Unit("leaf", b, g, node.path)]
+                    if node.is_leaf
+                    else [Unit("merge", b, g, node.path, j) for j in range(lay.pieces(node))]
+                )
+                for u in pieces:
+                    if lay.index(u) in skip:
+                        continue
+                    key = unit_key(ctx, u)
+                    dsk[key] = (run_unit, ctx, u, *deps)
+                    keys.append(key)
+                    unit_keys.append(key)
+                bkey = (f"{ctx.kind}-node", b, g, node.path)
+                if not keep_partials and node.children and node.depth >= 0:
+                    dsk[bkey] = (clean_node, ctx, node.path, b, g, *keys)
+                else:
+                    dsk[bkey] = (_barrier, *keys)
+                barrier[node.path] = bkey
+            finals.append(barrier[plan.root.path])
+    return dsk, finals, unit_keys

@@ -1,0 +1,345 @@
+"""``run`` and ``run_backward``: plan, check the store, build the graph, execute.
+
+Running again is resuming: units marked done are left out of the graph,
+orphan temporary files from killed writes are removed first, and the merge
+order is fixed, so the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import torch
+from dask.callbacks import Callback
+
+from streamcqsa.cqs.divide import divide
+from streamcqsa.kernels.backend import get_backend
+from streamcqsa.pipeline.graph import build_graph
+from streamcqsa.pipeline.steps import Context
+from streamcqsa.storage.layout import INPUTS, Problem
+from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays
+from streamcqsa.storage.store import StoreError, fingerprint, open_group, update_meta
+
+
+def clean_orphans(path: Any) -> int:
+    """Remove ``*.partial`` temp files that killed writers leave behind."""
+    if not isinstance(path, (str, os.PathLike)):
+        return 0
+    n = 0
+    for f in Path(path).rglob("*.partial"):
+        f.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> int:
+    """Largest divisor of kv_heads whose leaf working set fits the budget.
+
+    Splitting heads adds no work, so it is the first lever for memory.
+    """
+    r = problem.group_ratio
+    per_kv_head = task_tokens * problem.head_dim * 4 * (2 + 3 * r) * 2  # inputs, out, temps
+    best = 1
+    for hg in range(1, problem.kv_heads + 1):
+        if problem.kv_heads % hg == 0 and hg * per_kv_head <= budget_bytes:
+            best = hg
+    return best
+
+
+def _layout(
+    problem: Problem, itr: int, quorum: int | Sequence[int], head_group: int | None, task_bytes: int
+) -> Layout:
+    plan = divide(problem.seq_len, itr, quorum, is_causal=problem.is_causal)
+    if head_group is None:
+        longest = max(t.length for t in plan.tasks)
+        head_group = choose_head_group(problem, longest, task_bytes)
+    if head_group < 1 or problem.kv_heads % head_group:
+        raise ValueError(f"head_group {head_group} must divide kv_heads {problem.kv_heads}")
+    return Layout(plan=plan, problem=problem, head_group=head_group)
+
+
+class _Progress(Callback):
+    """tqdm over units (not barriers): done count, throughput and ETA."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        super().__init__()
+        self.bar = None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="task")
+
+    def _posttask(self, key, result, dsk, state, worker_id):  # noqa: ANN001
+        if (
+            self.bar is not None
+            and isinstance(key, tuple)
+            and str(key[0]).endswith(("-leaf", "-merge"))
+        ):
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextmanager
+def _torch_threads(workers: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute(
+    dsk: dict, finals: list, units: int, *, scheduler: Any, workers: int, progress: bool, desc: str
+) -> None:
+    if scheduler is not None and hasattr(scheduler, "get"):  # a distributed Client
+        scheduler.get(dsk, finals)
+        return
+    if isinstance(scheduler, str) and "://" in scheduler:
+        from distributed import Client
+
+        with Client(scheduler) as client:
+            client.get(dsk, finals)
+        return
+    bar = _Progress(units, desc, progress)
+    try:
+        with _torch_threads(workers), bar:
+            if scheduler in (None, "threads"):
+                dask.threaded.get(dsk, finals, num_workers=workers)
+            elif scheduler in ("sync", "synchronous"):
+                dask.get(dsk, finals)
+            else:
+                raise ValueError(f"unknown scheduler {scheduler!r}")
+    finally:
+        bar.close()
+
+
+def _check_plan(meta: dict, kind: str, layout: Layout, restart: bool, arrays: RunArrays) -> bool:
+    """True if the store's pass state may be reused with this layout."""
+    prev = meta.get(kind)
+    if not prev:
+        return False
+    same = prev.get("plan") == layout.describe()
+    if same and not (restart and kind == BWD):
+        return True
+    if not restart:
+        state = "finished" if prev.get("status") == "done" else "unfinished"
+        raise StoreError(
+            f"the store holds an {state} {kind} pass with plan {prev.get('plan')}; "
+            f"this run asks for {layout.describe()}. Pass restart=True to start over."
+        )
+    return False
+
+
+def _reset(arrays: RunArrays) -> None:
+    group = arrays.group
+    for path in (arrays.marker_path, f"partials/{arrays.kind}"):
+        try:
+            del group[path]
+        except KeyError:
+            pass
+
+
+def run(
+    store_path: Any,
+    itr: int = 3,
+    *,
+    quorum: int | Sequence[int] = 3,
+    backend: str = "auto",
+    scheduler: Any = None,
+    workers: int = 2,
+    keep_partials: bool = True,
+    progress: bool = True,
+    restart: bool = False,
+    head_group: int | None = None,
+    task_bytes: int = 256 << 20,
+    check_inputs: bool = True,
+) -> dict:
+    """Exact CQS attention over a run store; writes ``out`` and ``lse``.
+
+    Resumes a pass that was interrupted (same plan); refuses a different plan
+    over unfinished work unless ``restart``. Returns run statistics, including
+    the disk the partials need.
+    """
+    return _run_pass(
+        store_path,
+        FWD,
+        itr=itr,
+        quorum=quorum,
+        backend=backend,
+        scheduler=scheduler,
+        workers=workers,
+        keep_partials=keep_partials,
+        progress=progress,
+        restart=restart,
+        head_group=head_group,
+        task_bytes=task_bytes,
+        check_inputs=check_inputs,
+    )
+
+
+def run_backward(
+    store_path: Any,
+    dout: Any = None,
+    *,
+    backend: str = "auto",
+    scheduler: Any = None,
+    workers: int = 2,
+    keep_partials: bool = True,
+    progress: bool = True,
+    restart: bool = False,
+    check_inputs: bool = True,
+) -> dict:
+    """Exact dq, dk, dv into the store, from ``dout`` and the stored forward.
+
+    ``dout`` (numpy, torch or dask, [B,H,L,D]) is written into the store
+    first; without it the store must already hold one. Uses the forward's
+    plan, so the partial gradients fold up the same tree.
+    """
+    group, problem, meta = open_group(store_path)
+    fwd = meta.get(FWD)
+    if not fwd or fwd.get("status") != "done":
+        raise StoreError("run_backward needs a finished forward pass: call run() first")
+    if dout is not None:
+        _write_dout(group, problem, dout)
+        restart = True  # new dout: earlier backward results are stale
+    elif "dout" not in group:
+        raise StoreError("no dout: pass dout=... (same shape as q) or store one first")
+    plan = fwd["plan"]
+    return _run_pass(
+        store_path,
+        BWD,
+        itr=plan["itr"],
+        quorum=plan["quorums"],
+        backend=backend,
+        scheduler=scheduler,
+        workers=workers,
+        keep_partials=keep_partials,
+        progress=progress,
+        restart=restart,
+        head_group=plan["head_group"],
+        task_bytes=0,
+        check_inputs=check_inputs,
+    )
+
+
+def _write_dout(group: Any, problem: Problem, dout: Any) -> None:
+    from streamcqsa.storage.layout import dtype_name, stored_dtype
+    from streamcqsa.storage.store import _stored_block, array_kwargs
+
+    if isinstance(dout, torch.Tensor):
+        dout = dout.detach().cpu()
+    shape = (problem.batch, problem.heads, problem.seq_len, problem.head_dim)
+    if tuple(getattr(dout, "shape", ())) != shape:
+        raise ValueError(f"dout must have shape {shape}, got {getattr(dout, 'shape', None)}")
+    if dtype_name(dout.dtype) != problem.dtype:
+        raise TypeError(f"dout dtype {dout.dtype} differs from the store's {problem.dtype}")
+    c = problem.chunk_tokens
+    arr = group.create_array(
+        "dout",
+        shape=shape,
+        **array_kwargs(stored_dtype(problem.dtype), (1, 1, c, problem.head_dim)),
+    )
+    for b in range(problem.batch):
+        for a in range(0, problem.seq_len, c):
+            block = dout[b : b + 1, :, a : a + c, :]
+            if hasattr(block, "compute"):
+                block = block.compute()
+            arr[b : b + 1, :, a : a + c, :] = _stored_block(block, problem.dtype)
+
+
+def _run_pass(
+    store_path: Any,
+    kind: str,
+    *,
+    itr: int,
+    quorum: Any,
+    backend: str,
+    scheduler: Any,
+    workers: int,
+    keep_partials: bool,
+    progress: bool,
+    restart: bool,
+    head_group: int | None,
+    task_bytes: int,
+    check_inputs: bool,
+) -> dict:
+    t0 = time.perf_counter()
+    if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
+        raise ValueError(f"itr must be a non-negative int, got {itr!r}")
+    group, problem, meta = open_group(store_path)
+    get_backend(backend, "cpu")  # fail early on an unknown backend
+    layout = _layout(problem, itr, quorum, head_group, task_bytes)
+    arrays = RunArrays(group, layout, kind)
+    reuse = _check_plan(meta, kind, layout, restart, arrays)
+    if check_inputs:
+        fp = fingerprint(group)
+        want = meta.get("fingerprint") if kind == FWD else meta[FWD].get("fingerprint")
+        if fp != want:
+            what = "since the store was created" if kind == FWD else "since the forward ran"
+            raise StoreError(
+                f"inputs changed {what} (fingerprint mismatch); "
+                "recreate the store or rerun the forward"
+            )
+    if kind == FWD and not reuse and meta.get(BWD):
+        meta = update_meta(group, **{BWD: None})
+    removed = clean_orphans(store_path)
+    if not reuse:
+        _reset(arrays)
+    arrays.create()
+    done = arrays.done()
+    if kind == FWD:
+        meta = update_meta(
+            group,
+            **{
+                FWD: {
+                    "plan": layout.describe(),
+                    "status": "running",
+                    "fingerprint": meta.get("fingerprint"),
+                }
+            },
+        )
+    else:
+        meta = update_meta(group, **{BWD: {"plan": layout.describe(), "status": "running"}})
+    ctx = Context(store=store_path, layout=layout, kind=kind, backend=backend)
+    if not isinstance(store_path, (str, os.PathLike)):
+        ctx._arrays = arrays  # in-memory stores are shared, never reopened
+    skip = set(np.flatnonzero(done).tolist())
+    dsk, finals, units = build_graph(ctx, keep_partials=keep_partials, skip=skip)
+    _execute(
+        dsk,
+        finals,
+        len(units),
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+        desc=f"stream-cqsa {'forward' if kind == FWD else 'backward'}",
+    )
+    stats = {
+        "pass": kind,
+        "plan": layout.describe(),
+        "units_run": len(units),
+        "units_skipped": len(skip),
+        "orphans_removed": removed,
+        "partial_disk_bytes": layout.partial_bytes(kind),
+        "keep_partials": keep_partials,
+        "seconds": time.perf_counter() - t0,
+        "work_entries": layout.plan.entries * problem.batch * problem.heads,
+    }
+    entry = dict(meta[kind])
+    entry.update(status="done", stats=stats)
+    update_meta(group, **{kind: entry})
+    return stats
+
+
+__all__ = ["run", "run_backward", "clean_orphans", "INPUTS"]

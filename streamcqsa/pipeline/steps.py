@@ -1,0 +1,167 @@
+"""The resumable steps of a pass: run a leaf, merge one chunk row of a node.
+
+Each step reads what it needs from the store, calls the same task runner and
+fold code as the in-memory engine, writes whole chunks, then marks itself
+done. A step that finds its marker set does nothing, so any step can be
+re-run after a crash.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zarr
+
+from streamcqsa.kernels.backend import get_backend
+from streamcqsa.kernels.fold import sum_partials
+from streamcqsa.kernels.merge import merge_partials
+from streamcqsa.kernels.runner import WorkCounter
+from streamcqsa.kernels.runner import backward as task_backward
+from streamcqsa.kernels.runner import forward as task_forward
+from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_names, read_runs
+from streamcqsa.storage.store import open_group
+
+
+@dataclass
+class Context:
+    """What every step needs; picklable (the store is reopened per process)."""
+
+    store: Any
+    layout: Layout
+    kind: str
+    backend: str = "auto"
+    device: str = "cpu"
+    counter: WorkCounter = field(default_factory=WorkCounter)
+    _arrays: RunArrays | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = None
+        return state
+
+    @property
+    def arrays(self) -> RunArrays:
+        if self._arrays is None:
+            group, _, _ = (
+                open_group(self.store)
+                if not isinstance(self.store, zarr.Group)
+                else (self.store, None, None)
+            )
+            self._arrays = RunArrays(group, self.layout, self.kind)
+        return self._arrays
+
+
+def run_unit(ctx: Context, unit: Unit, *_deps: Any) -> int:
+    """Run one unit unless it is already done; returns 1 if it did work."""
+    arrays = ctx.arrays
+    if arrays.is_done(unit):
+        return 0
+    if unit.kind == "leaf":
+        (_leaf_forward if ctx.kind == FWD else _leaf_backward)(ctx, unit)
+    else:
+        _merge_piece(ctx, unit)
+    arrays.mark(unit)
+    return 1
+
+
+def _device(ctx: Context) -> torch.device:
+    return torch.device(ctx.device)
+
+
+def _leaf_forward(ctx: Context, unit: Unit) -> None:
+    lay, arrays = ctx.layout, ctx.arrays
+    p = lay.problem
+    node = lay.plan.by_path[unit.node]
+    dev = _device(ctx)
+    be = get_backend(ctx.backend, dev)
+    dt = be.compute_dtype(_dtype(p), dev)
+    q = read_runs(arrays, "q", unit.b, lay.q_heads(unit.g), node.runs, p)
+    k = read_runs(arrays, "k", unit.b, lay.kv_heads(unit.g), node.runs, p)
+    v = read_runs(arrays, "v", unit.b, lay.kv_heads(unit.g), node.runs, p)
+    out, lse = task_forward(
+        q.to(dev, dt),
+        k.to(dev, dt),
+        v.to(dev, dt),
+        node.blocks,
+        scale=p.scale,
+        backend=be,
+        counter=ctx.counter,
+    )
+    arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out.cpu())
+    arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse.cpu())
+
+
+def _leaf_backward(ctx: Context, unit: Unit) -> None:
+    lay, arrays = ctx.layout, ctx.arrays
+    p = lay.problem
+    node = lay.plan.by_path[unit.node]
+    dev = _device(ctx)
+    be = get_backend(ctx.backend, dev)
+    dt = be.compute_dtype(_dtype(p), dev)
+    qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
+    xs = {
+        name: read_runs(arrays, name, unit.b, kh if name in ("k", "v") else qh, node.runs, p)
+        for name in ("q", "k", "v", "dout", "out", "lse")
+    }
+    dq, dk, dv = task_backward(
+        *(xs[n].to(dev, dt) for n in ("q", "k", "v", "dout", "out")),
+        xs["lse"].to(dev),
+        node.blocks,
+        scale=p.scale,
+        backend=be,
+        counter=ctx.counter,
+    )
+    for name, t in zip(("dq", "dk", "dv"), (dq, dk, dv), strict=True):
+        arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t.cpu())
+
+
+def _dtype(p: Any) -> torch.dtype:
+    from streamcqsa.storage.layout import torch_dtype
+
+    return torch_dtype(p.dtype)
+
+
+def _merge_piece(ctx: Context, unit: Unit) -> None:
+    """Fold the children's rows for one chunk row [jC, (j+1)C) of a node."""
+    lay, arrays = ctx.layout, ctx.arrays
+    node = lay.plan.by_path[unit.node]
+    a0 = unit.piece * lay.chunk
+    z0 = min(a0 + lay.chunk, node.length)
+    names = partial_names(ctx.kind)
+    fwd = ctx.kind == FWD
+    shapes = {}
+    for name in names:
+        heads = arrays.heads(name, unit.g)
+        nh = heads.stop - heads.start
+        shapes[name] = (1, nh, z0 - a0) if name == "lse" else (1, nh, z0 - a0, lay.problem.head_dim)
+    dst = {
+        n: torch.full(s, -math.inf if n == "lse" else 0.0, dtype=torch.float32)
+        for n, s in shapes.items()
+    }
+    for src in lay.plan.merge_sources(node):
+        a, z = max(a0, src.start), min(z0, src.start + src.length)
+        if a >= z or not src.sources:
+            continue
+        pieces = []
+        for child, off in src.sources:
+            ca = off + (a - src.start)
+            pieces.append(
+                tuple(arrays.read_rows(child, n, unit.b, unit.g, ca, ca + (z - a)) for n in names)
+            )
+        out = tuple(dst[n][:, :, a - a0 : z - a0] for n in names)
+        if fwd:
+            merge_partials([(pc[0], pc[1]) for pc in pieces], out=out)  # type: ignore[arg-type]
+        else:
+            sum_partials(pieces, out=out)
+    for name in names:
+        arrays.write_rows(unit.node, name, unit.b, unit.g, a0, dst[name])
+
+
+def clean_node(ctx: Context, node: tuple[int, ...], b: int, g: int, *_deps: Any) -> None:
+    """Delete a node's children's partials once the node is complete."""
+    arrays = ctx.arrays
+    for child in ctx.layout.plan.by_path[node].children:
+        arrays.delete_node(child, b, g)

@@ -1,0 +1,317 @@
+"""Create and open run stores; stream inputs in chunk by chunk.
+
+Nothing here holds more than one store chunk (per array) in memory: numpy,
+torch and dask inputs are copied a chunk at a time, and random stores are
+generated per chunk from per-chunk seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from streamcqsa.storage.layout import (
+    ATTR,
+    FORMAT,
+    FORMAT_VERSION,
+    INPUTS,
+    Problem,
+    default_chunk_tokens,
+    dtype_name,
+    stored_dtype,
+    to_stored,
+)
+
+StorePath = str | os.PathLike | zarr.storage.StoreLike
+
+
+class StoreError(ValueError):
+    """A path that is not a usable run store, or a store in the wrong state."""
+
+
+def _store(path: Any, *, create: bool = False) -> Any:
+    if isinstance(path, (str, os.PathLike)):
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p} is a file, not a run store directory")
+        if not create and not p.exists():
+            raise StoreError(f"no run store at {p}: path does not exist")
+        return zarr.storage.LocalStore(p)
+    return path
+
+
+def array_kwargs(dtype: str, chunks: tuple[int, ...]) -> dict[str, Any]:
+    """Uncompressed (random floats do not compress) with a crc32c checksum."""
+    return dict(
+        dtype=dtype,
+        chunks=chunks,
+        compressors=(Crc32cCodec(),),
+        fill_value=0,
+        overwrite=True,
+    )
+
+
+def _check_overwrite(path: Any, overwrite: bool) -> None:
+    if isinstance(path, (str, os.PathLike)):
+        p = Path(path)
+        if p.is_file():
+            raise StoreError(f"{p} is a file, not a run store directory")
+        if p.exists() and any(p.iterdir()):
+            if not overwrite:
+                raise StoreError(f"{p} exists and is not empty; pass overwrite=True")
+            if not (p / "zarr.json").exists():
+                raise StoreError(f"{p} is not a run store; refusing to overwrite it")
+            shutil.rmtree(p)
+
+
+def _problem(
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    v_shape: tuple[int, ...],
+    dtype: str,
+    is_causal: bool,
+    scale: float | None,
+    chunk_tokens: int | None,
+) -> Problem:
+    for name, s in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(s) != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {s}")
+    if k_shape != v_shape:
+        raise ValueError(f"k and v shapes differ: {k_shape} vs {v_shape}")
+    b, h, n, d = q_shape
+    bk, hk, nk, dk = k_shape
+    if b != bk or d != dk:
+        raise ValueError(f"q {q_shape} and k/v {k_shape} differ in batch or head dim")
+    if n != nk:
+        raise ValueError(f"q has {n} tokens but k/v have {nk}: Lq must equal Lk")
+    if min(b, h, n, d, hk) < 1:
+        raise ValueError(f"all dimensions must be >= 1, got q {q_shape}, k/v {k_shape}")
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    if scale is None:
+        scale = d**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {scale!r}")
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    c = default_chunk_tokens(n) if chunk_tokens is None else chunk_tokens
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    return Problem(b, h, hk, n, d, dtype, is_causal, float(scale), c)
+
+
+def _init_group(path: Any, problem: Problem) -> zarr.Group:
+    group = zarr.open_group(_store(path, create=True), mode="w")
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "problem": problem.to_json()}
+    group.attrs[ATTR] = meta
+    shapes = {
+        "q": (problem.batch, problem.heads, problem.seq_len, problem.head_dim),
+        "k": (problem.batch, problem.kv_heads, problem.seq_len, problem.head_dim),
+        "v": (problem.batch, problem.kv_heads, problem.seq_len, problem.head_dim),
+    }
+    for name, shape in shapes.items():
+        chunks = (1, 1, problem.chunk_tokens, problem.head_dim)
+        group.create_array(name, shape=shape, **array_kwargs(stored_dtype(problem.dtype), chunks))
+    return group
+
+
+def _token_chunks(problem: Problem) -> Iterator[tuple[int, int, int, int]]:
+    """(b, h, start, stop) of every input chunk, for q's heads; k/v use fewer."""
+    c = problem.chunk_tokens
+    for b in range(problem.batch):
+        for a in range(0, problem.seq_len, c):
+            yield b, 0, a, min(a + c, problem.seq_len)
+
+
+def _as_source(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    return x
+
+
+def create(
+    path: StorePath,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    overwrite: bool = False,
+    chunk_tokens: int | None = None,
+) -> Path | Any:
+    """Write q [B,H,L,D], k, v [B,Hkv,L,D] (numpy, torch or dask) into a new store.
+
+    Inputs are copied one store chunk at a time (a dask array is computed
+    chunk by chunk, never whole). Validation happens before anything is
+    written; a failure while writing removes the half-made store.
+    """
+    srcs = [_as_source(x) for x in (q, k, v)]
+    for name, x in zip(INPUTS, srcs, strict=True):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array (numpy, torch or dask), got {type(x)}")
+    dtypes = {dtype_name(x.dtype) for x in srcs}
+    if len(dtypes) != 1:
+        raise TypeError(f"q, k, v dtypes differ: {[str(x.dtype) for x in srcs]}")
+    problem = _problem(
+        tuple(srcs[0].shape),
+        tuple(srcs[1].shape),
+        tuple(srcs[2].shape),
+        dtypes.pop(),
+        is_causal,
+        scale,
+        chunk_tokens,
+    )
+    _check_overwrite(path, overwrite)
+    try:
+        group = _init_group(path, problem)
+        for name, x in zip(INPUTS, srcs, strict=True):
+            arr = group[name]
+            c = problem.chunk_tokens
+            for b in range(problem.batch):
+                for a in range(0, problem.seq_len, c):
+                    z = min(a + c, problem.seq_len)
+                    block = x[b : b + 1, :, a:z, :]
+                    if hasattr(block, "compute"):
+                        block = block.compute()
+                    arr[b : b + 1, :, a:z, :] = _stored_block(block, problem.dtype)
+        _finish_inputs(group, problem)
+    except BaseException:
+        _remove(path)
+        raise
+    return path
+
+
+def _stored_block(block: Any, dtype: str) -> np.ndarray:
+    if isinstance(block, torch.Tensor):
+        return to_stored(block, dtype)
+    arr = np.asarray(block)
+    if dtype == "bfloat16":
+        return to_stored(torch.from_numpy(np.ascontiguousarray(arr)), dtype)
+    return arr
+
+
+def create_random(
+    path: StorePath,
+    *,
+    seq_len: int,
+    heads: int,
+    head_dim: int,
+    kv_heads: int | None = None,
+    batch: int = 1,
+    dtype: str = "float16",
+    is_causal: bool = False,
+    scale: float | None = None,
+    seed: int = 0,
+    std: float = 1.0,
+    overwrite: bool = False,
+    chunk_tokens: int | None = None,
+) -> Path | Any:
+    """A store of standard-normal inputs (times ``std``), one chunk at a time.
+
+    Each (array, batch, head, chunk) has its own seed, so the data does not
+    depend on chunk order and no step holds more than one chunk.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    name = dtype_name(dtype)
+    for label, val in (
+        ("seq_len", seq_len),
+        ("heads", heads),
+        ("head_dim", head_dim),
+        ("kv_heads", kv_heads),
+        ("batch", batch),
+        ("seed", seed),
+    ):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{label} must be an int, got {val!r}")
+    problem = _problem(
+        (batch, heads, seq_len, head_dim),
+        (batch, kv_heads, seq_len, head_dim),
+        (batch, kv_heads, seq_len, head_dim),
+        name,
+        is_causal,
+        scale,
+        chunk_tokens,
+    )
+    _check_overwrite(path, overwrite)
+    try:
+        group = _init_group(path, problem)
+        c = problem.chunk_tokens
+        for ai, arr_name in enumerate(INPUTS):
+            arr = group[arr_name]
+            nh = arr.shape[1]
+            for b in range(batch):
+                for h in range(nh):
+                    for j, a in enumerate(range(0, seq_len, c)):
+                        z = min(a + c, seq_len)
+                        rng = np.random.default_rng([seed, ai, b, h, j])
+                        x = rng.standard_normal((1, 1, z - a, head_dim), dtype=np.float32) * std
+                        arr[b : b + 1, h : h + 1, a:z, :] = _stored_block(torch.from_numpy(x), name)
+        _finish_inputs(group, problem)
+    except BaseException:
+        _remove(path)
+        raise
+    return path
+
+
+def _remove(path: Any) -> None:
+    if isinstance(path, (str, os.PathLike)) and Path(path).exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def fingerprint(group: zarr.Group) -> str:
+    """Digest of the inputs' stored chunk bytes (a full read of the inputs)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in INPUTS:
+        arr = group[name]
+        h.update(repr((arr.shape, str(arr.dtype))).encode())
+        for b in range(arr.shape[0]):
+            for a in range(0, arr.shape[2], arr.chunks[2]):
+                block = arr[b, :, a : a + arr.chunks[2], :]
+                h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()
+
+
+def _finish_inputs(group: zarr.Group, problem: Problem) -> None:
+    meta = dict(group.attrs[ATTR])
+    meta["fingerprint"] = fingerprint(group)
+    group.attrs[ATTR] = meta
+
+
+def open_group(path: StorePath, *, mode: str = "r+") -> tuple[zarr.Group, Problem, dict]:
+    """Open a run store and check its format; StoreError if it is not one."""
+    store = _store(path)
+    if isinstance(path, (str, os.PathLike)) and not (Path(path) / "zarr.json").exists():
+        raise StoreError(f"{path} is not a run store (no zarr.json)")
+    try:
+        group = zarr.open_group(store, mode=mode)
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise StoreError(f"{path} is not a run store: {e}") from e
+    meta = group.attrs.get(ATTR)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreError(f"{path} is a zarr group but not a stream-cqsa run store")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has store format version {meta.get('format_version')}; "
+            f"this version of stream-cqsa reads version {FORMAT_VERSION}"
+        )
+    return group, Problem(**meta["problem"]), meta
+
+
+def update_meta(group: zarr.Group, **changes: Any) -> dict:
+    """Rewrite the store's metadata (driver only; tasks never touch attrs)."""
+    meta = dict(group.attrs[ATTR])
+    meta.update(changes)
+    group.attrs[ATTR] = meta
+    return meta
