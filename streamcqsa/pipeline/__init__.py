@@ -1,5 +1,6 @@
 """The Dask graph over CQS tasks, resumable over a Zarr run store."""
 
 from streamcqsa.pipeline.run import clean_orphans, run, run_backward
+from streamcqsa.pipeline.verify import verify
 
-__all__ = ["clean_orphans", "run", "run_backward"]
+__all__ = ["clean_orphans", "run", "run_backward", "verify"]

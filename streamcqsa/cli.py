@@ -1,0 +1,270 @@
+"""``streamcqsa`` command line: init, run, backward, status, verify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _quorum(text: str) -> int | list[int]:
+    parts = [int(x) for x in text.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("quorum needs at least one int")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cmd_init(a: argparse.Namespace) -> int:
+    from streamcqsa.storage import create, create_random
+
+    if a.from_npy:
+        q, k, v = (np.load(f, mmap_mode="r") for f in a.from_npy)
+        create(
+            a.path,
+            q,
+            k,
+            v,
+            is_causal=a.causal,
+            scale=a.scale,
+            overwrite=a.overwrite,
+            chunk_tokens=a.chunk_tokens,
+        )
+    else:
+        create_random(
+            a.path,
+            seq_len=a.seq_len,
+            heads=a.heads,
+            head_dim=a.head_dim,
+            kv_heads=a.kv_heads,
+            batch=a.batch,
+            dtype=a.dtype,
+            is_causal=a.causal,
+            scale=a.scale,
+            seed=a.seed,
+            std=a.std,
+            overwrite=a.overwrite,
+            chunk_tokens=a.chunk_tokens,
+        )
+    print(f"created run store {a.path}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from streamcqsa.pipeline import run
+
+    stats = run(
+        a.path,
+        itr=a.itr,
+        quorum=a.quorum,
+        backend=a.backend,
+        workers=a.workers,
+        scheduler=a.scheduler,
+        keep_partials=not a.drop_partials,
+        progress=not a.no_progress,
+        restart=a.restart,
+    )
+    _print_stats(stats)
+    return 0
+
+
+def cmd_backward(a: argparse.Namespace) -> int:
+    from streamcqsa.pipeline import run_backward
+
+    dout = None
+    if a.dout:
+        dout = np.load(a.dout, mmap_mode="r")
+    elif a.random_dout is not None:
+        from streamcqsa.storage.inspect import open as open_run
+
+        p = open_run(a.path).problem
+        rng = np.random.default_rng(a.random_dout)
+        dout = rng.standard_normal((p.batch, p.heads, p.seq_len, p.head_dim), dtype=np.float32)
+        if p.dtype in ("float16", "float64"):
+            dout = dout.astype(p.dtype)
+        elif p.dtype == "bfloat16":
+            import torch
+
+            dout = torch.from_numpy(dout).bfloat16()
+    stats = run_backward(
+        a.path,
+        dout,
+        backend=a.backend,
+        workers=a.workers,
+        keep_partials=not a.drop_partials,
+        progress=not a.no_progress,
+    )
+    _print_stats(stats)
+    return 0
+
+
+def _print_stats(stats: dict) -> None:
+    print(
+        f"{stats['pass']}: {stats['units_run']} units run, {stats['units_skipped']} already "
+        f"done, {stats['seconds']:.2f} s; partials need {_human(stats['partial_disk_bytes'])}"
+        f"{' (deleted as parents finish)' if not stats['keep_partials'] else ''}"
+    )
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from streamcqsa.storage.inspect import open as open_run
+
+    s = open_run(a.path).status()
+    if a.json:
+        print(json.dumps(s, indent=2))
+    else:
+        for k, v in s.items():
+            print(f"{k:>10}: {v}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from streamcqsa.pipeline import verify
+
+    res = verify(a.path, rows=a.rows, seed=a.seed)
+    print(
+        f"verified {res['rows']} rows x {res['heads']} heads against float64: "
+        f"max rel error {res['max_rel_error']:.3e} (tolerance {res['tolerance']:.1e}), "
+        f"max lse error {res['max_lse_error']:.3e} -> {'OK' if res['ok'] else 'FAILED'}"
+    )
+    return 0 if res["ok"] else 1
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Store pipeline end to end on a small default problem, then verify it."""
+    from streamcqsa.cqs.divide import divide
+    from streamcqsa.pipeline import run, verify
+    from streamcqsa.storage import create_random
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(a.dir or tmp) / "demo.zarr"
+        t0 = time.perf_counter()
+        create_random(
+            path,
+            seq_len=a.seq_len,
+            heads=a.heads,
+            head_dim=a.head_dim,
+            kv_heads=a.kv_heads,
+            dtype=a.dtype,
+            is_causal=a.causal,
+            seed=a.seed,
+            overwrite=True,
+        )
+        print(
+            f"store: {path} (B=1 H={a.heads} Hkv={a.kv_heads} L={a.seq_len} "
+            f"D={a.head_dim} {a.dtype}, causal={a.causal})"
+        )
+        stats = run(path, itr=a.itr, progress=not a.no_progress)
+        _print_stats(stats)
+        plan = divide(a.seq_len, a.itr, 3, is_causal=a.causal)
+        res = verify(path, rows=a.rows)
+        print(
+            f"plan: itr={a.itr}, {len(plan.tasks)} leaf tasks; computed/useful score "
+            f"entries = {plan.entries / plan.useful_entries:.4f} (dense leaves would be "
+            f"{plan.dense_entries / plan.useful_entries:.3f})"
+        )
+        print(
+            f"verify: {res['rows']} rows x {res['heads']} heads, max rel error "
+            f"{res['max_rel_error']:.2e} (tolerance {res['tolerance']:.0e}) -> "
+            f"{'OK' if res['ok'] else 'FAILED'}; total {time.perf_counter() - t0:.1f} s"
+        )
+        return 0 if res["ok"] else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streamcqsa",
+        description="Exact long-context attention over Zarr run stores (Stream-CQSA).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create a run store (random data or .npy files)")
+    s.add_argument("path")
+    s.add_argument("--from-npy", nargs=3, metavar=("Q", "K", "V"), help="q, k, v .npy files")
+    s.add_argument("--seq-len", type=int, default=4096)
+    s.add_argument("--heads", type=int, default=8)
+    s.add_argument("--kv-heads", type=int, default=None)
+    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--causal", action="store_true")
+    s.add_argument("--scale", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--std", type=float, default=1.0, help="std of the random inputs")
+    s.add_argument("--chunk-tokens", type=int, default=None)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("run", help="run (or resume) the forward pass")
+    s.add_argument("path")
+    s.add_argument("--itr", type=int, default=3)
+    s.add_argument("--quorum", type=_quorum, default=3, help="k, or k1,k2,... per level")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--scheduler", default=None, help="threads, sync, or a scheduler address")
+    s.add_argument("--drop-partials", action="store_true", help="delete partials when merged")
+    s.add_argument("--restart", action="store_true", help="discard unfinished work of another plan")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("backward", help="run (or resume) the backward pass")
+    s.add_argument("path")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--dout", help=".npy file with dout [B,H,L,D]")
+    g.add_argument("--random-dout", type=int, metavar="SEED", help="use a random dout")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--drop-partials", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_backward)
+
+    s = sub.add_parser("status", help="show the store's problem and progress")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("verify", help="check sampled output rows against float64")
+    s.add_argument("path")
+    s.add_argument("--rows", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("demo", help="run the store pipeline on a small default and verify")
+    s.add_argument("--seq-len", type=int, default=8192)
+    s.add_argument("--heads", type=int, default=4)
+    s.add_argument("--kv-heads", type=int, default=2)
+    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--causal", action="store_true", default=True)
+    s.add_argument("--itr", type=int, default=2)
+    s.add_argument("--rows", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dir", default=None, help="keep the store here instead of a temp dir")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"streamcqsa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""``storage.open``: a read-mostly view of a run store for notebooks and scripts.
+
+Arrays come back as dask arrays (nothing is loaded until asked), bf16 is
+decoded on the fly, and the tree of tasks with its progress can be listed or
+rendered as HTML.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import torch
+
+from streamcqsa.cqs.divide import Node, divide
+from streamcqsa.storage.layout import Problem
+from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays, Unit
+from streamcqsa.storage.store import open_group
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    name: str
+    path: tuple[int, ...]
+    kind: str  # "leaf" or "merge"
+    tokens: int
+    units_done: int
+    units: int
+
+    @property
+    def done(self) -> bool:
+        return self.units_done == self.units
+
+
+@dataclass(frozen=True)
+class Partial:
+    """One node's stored partial for one batch entry: token positions + values."""
+
+    positions: np.ndarray  # global token index of each row
+    out: np.ndarray  # [H, rows, D] fp32
+    lse: np.ndarray  # [H, rows] fp32
+
+
+class Run:
+    """A run store opened for reading: arrays, tasks, partials, status."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+        self.group, self.problem, self.meta = open_group(path, mode="r")
+
+    def refresh(self) -> Run:
+        self.group, self.problem, self.meta = open_group(self.path, mode="r")
+        return self
+
+    # -- arrays --------------------------------------------------------------
+    def array(self, name: str) -> da.Array:
+        """A stored array as a dask array in its logical dtype."""
+        arr = da.from_zarr(self.group[name])
+        if self.problem.dtype == "bfloat16" and arr.dtype == np.uint16:
+            arr = arr.map_blocks(_bf16_to_f32, dtype=np.float32)
+        return arr
+
+    @property
+    def arrays(self) -> dict[str, da.Array]:
+        names = ("q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv")
+        return {n: self.array(n) for n in names if n in self.group}
+
+    # -- plan and tasks ----------------------------------------------------------
+    def layout(self, kind: str = FWD) -> Layout | None:
+        entry = self.meta.get(kind)
+        if not entry:
+            return None
+        plan = entry["plan"]
+        p = divide(
+            self.problem.seq_len, plan["itr"], plan["quorums"], is_causal=self.problem.is_causal
+        )
+        return Layout(plan=p, problem=self.problem, head_group=plan["head_group"])
+
+    def tasks(self, kind: str = FWD) -> list[TaskStatus]:
+        lay = self.layout(kind)
+        if lay is None:
+            return []
+        arrays = RunArrays(self.group, lay, kind)
+        try:
+            done = arrays.done()
+        except KeyError:
+            done = np.zeros(lay.total_units, dtype=bool)
+        out = []
+        for node in lay.plan.nodes:
+            units = (
+                [Unit("leaf", 0, 0, node.path)]
+                if node.is_leaf
+                else [Unit("merge", 0, 0, node.path, j) for j in range(lay.pieces(node))]
+            )
+            idx = [
+                lay.index(Unit(u.kind, b, g, u.node, u.piece))
+                for u in units
+                for b in range(self.problem.batch)
+                for g in range(lay.groups)
+            ]
+            out.append(
+                TaskStatus(
+                    node.name,
+                    node.path,
+                    "leaf" if node.is_leaf else "merge",
+                    node.length,
+                    int(done[idx].sum()),
+                    len(idx),
+                )
+            )
+        return out
+
+    def node(self, path: tuple[int, ...] | str, kind: str = FWD) -> Node:
+        lay = self.layout(kind)
+        if lay is None:
+            raise ValueError(f"no {kind} pass in this store yet")
+        if isinstance(path, str):
+            path = tuple(int(x) for x in path.split(".")[1:])
+        return lay.plan.by_path[tuple(path)]
+
+    def partial(self, task: TaskStatus | tuple[int, ...] | str, *, batch: int = 0) -> Partial:
+        """A node's forward partial: its tokens' global positions, out and lse."""
+        path = task.path if isinstance(task, TaskStatus) else task
+        node = self.node(path)
+        positions = np.concatenate([np.arange(a, a + n) for a, n in node.runs])
+        if node.depth == 0:
+            out = np.asarray(self.array("out")[batch])
+            lse = np.asarray(self.group["lse"][batch])
+            return Partial(positions, out.astype(np.float32), lse)
+        lay = self.layout()
+        assert lay is not None
+        arrays = RunArrays(self.group, lay, FWD)
+        off = lay.regions[node.path]
+        try:
+            out = np.asarray(
+                arrays.array(arrays.partial_path(node.depth, "out"))[
+                    batch, :, off : off + node.length
+                ]
+            )
+            lse = np.asarray(
+                arrays.array(arrays.partial_path(node.depth, "lse"))[
+                    batch, :, off : off + node.length
+                ]
+            )
+        except KeyError as e:
+            raise ValueError(
+                f"partials of {node.name} are not in the store (deleted with keep_partials=False?)"
+            ) from e
+        return Partial(positions, out, lse)
+
+    def status(self) -> dict[str, Any]:
+        p = self.problem
+        res: dict[str, Any] = {
+            "shape": f"B={p.batch} H={p.heads} Hkv={p.kv_heads} L={p.seq_len} D={p.head_dim}",
+            "dtype": p.dtype,
+            "is_causal": p.is_causal,
+        }
+        for kind in (FWD, BWD):
+            entry = self.meta.get(kind)
+            if not entry:
+                res[kind] = "not started"
+                continue
+            tasks = self.tasks(kind)
+            done = sum(t.units_done for t in tasks)
+            total = sum(t.units for t in tasks)
+            res[kind] = {
+                "status": entry.get("status"),
+                "units_done": done,
+                "units": total,
+                "plan": entry.get("plan"),
+            }
+        return res
+
+    def _repr_html_(self) -> str:
+        s = self.status()
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
+            f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+            for k, v in s.items()
+        )
+        bars = ""
+        for kind in (FWD, BWD):
+            if isinstance(s.get(kind), dict) and s[kind]["units"]:
+                frac = s[kind]["units_done"] / s[kind]["units"]
+                bars += (
+                    f"<div>{kind}: <progress value='{frac:.3f}' max='1'></progress> "
+                    f"{s[kind]['units_done']}/{s[kind]['units']}</div>"
+                )
+        return (
+            f"<b>stream-cqsa run store</b> {html.escape(str(self.path))}<table>{rows}</table>{bars}"
+        )
+
+    def __repr__(self) -> str:
+        return f"Run({self.path!r}, {self.status()})"
+
+
+def _bf16_to_f32(block: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(block)).view(torch.bfloat16).float().numpy()
+
+
+def open(path: Any) -> Run:  # noqa: A001 - mirrors zarr.open
+    """Open a run store for inspection."""
+    return Run(path)
+
+
+__all__ = ["Partial", "Problem", "Run", "TaskStatus", "open"]
