@@ -1,0 +1,270 @@
+"""The store pipeline: bit-identical to the in-memory engine, exact, inspectable,
+and strict about bad input (with nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import streamcqsa
+from streamcqsa.pipeline import run, run_backward, verify
+from streamcqsa.storage import StoreError, create, create_random
+from streamcqsa.storage import open as open_run
+from streamcqsa.storage.layout import to_torch
+
+
+def _load(path: Path, name: str, dtype: str) -> torch.Tensor:
+    data = np.asarray(zarr.open_group(path, mode="r")[name][:])
+    return data if name == "lse" else to_torch(data, dtype)
+
+
+def _inputs(dtype: torch.dtype, b=2, h=4, hk=2, n=501, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, hh, n, d, generator=g).to(dtype) for hh in (h, hk, hk)]
+
+
+CASES = [
+    (torch.float32, False, 1),
+    (torch.float32, True, 2),
+    (torch.bfloat16, True, 1),
+    (torch.bfloat16, False, 3),
+    (torch.float16, True, 3),
+]
+
+
+@pytest.mark.parametrize(("dtype", "causal", "itr"), CASES)
+def test_store_equals_engine_bit_for_bit(tmp_path, dtype, causal, itr):
+    q, k, v = _inputs(dtype)
+    name = str(dtype).removeprefix("torch.")
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = streamcqsa.attention(qq, kk, vv, itr=itr, is_causal=causal, return_lse=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    grads = torch.autograd.grad(out, (qq, kk, vv), dout)
+
+    path = tmp_path / "s"
+    create(path, q, k, v, is_causal=causal, chunk_tokens=64)
+    stats = run(path, itr=itr, progress=False, head_group=1)
+    assert stats["units_run"] > 0
+    assert torch.equal(_load(path, "out", name), out)
+    assert np.array_equal(_load(path, "lse", name), lse.numpy())
+    run_backward(path, dout, progress=False)
+    for gname, g in zip(("dq", "dk", "dv"), grads, strict=True):
+        assert torch.equal(_load(path, gname, name), g), gname
+
+    # against float64: the same bound the engine meets
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=causal, enable_gqa=True
+    )
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, enable_gqa=True
+    )
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    err_sdpa = ((sdpa.double() - ref).norm() / ref.norm()).item()
+    assert err <= 1.5 * err_sdpa + 1e-7
+
+
+def test_rerun_is_a_no_op_and_resumes(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=700, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    first = run(path, itr=2, progress=False)
+    before = _load(path, "out", "float32").clone()
+    again = run(path, itr=2, progress=False)
+    assert again["units_run"] == 0 and again["units_skipped"] == first["units_run"]
+    assert torch.equal(_load(path, "out", "float32"), before)
+
+
+def test_keep_partials_false_deletes_partials(tmp_path):
+    kept, dropped = tmp_path / "a", tmp_path / "b"
+    for p in (kept, dropped):
+        create_random(p, seq_len=900, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    s1 = run(kept, itr=2, progress=False)
+    s2 = run(dropped, itr=2, progress=False, keep_partials=False)
+    assert s1["partial_disk_bytes"] == s2["partial_disk_bytes"] > 0
+    chunks = lambda p: [
+        f for f in (p / "partials").rglob("*") if f.is_file() and "/c/" in f.as_posix()
+    ]  # noqa: E731, E501
+    assert len(chunks(kept)) > 0
+    assert chunks(dropped) == []
+    assert torch.equal(_load(kept, "out", "float32"), _load(dropped, "out", "float32"))
+
+
+def test_run_object_for_notebooks(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=600, heads=2, head_dim=16, dtype="bfloat16", chunk_tokens=64)
+    r = open_run(path)
+    assert r.status()["fwd"] == "not started"
+    run(path, itr=2, progress=False)
+    r = open_run(path)
+    tasks = r.tasks()
+    assert tasks and all(t.done for t in tasks)
+    leaf = next(t for t in tasks if t.kind == "leaf")
+    part = r.partial(leaf)
+    assert part.out.shape == (2, leaf.tokens, 16) and part.positions.shape == (leaf.tokens,)
+    assert np.all(np.diff(part.positions) > 0) and np.isfinite(part.lse).all()
+    assert r.arrays["q"].dtype == np.float32  # bf16 decoded on the fly
+    assert "progress" in r._repr_html_()
+    root = r.partial(tasks[-1])
+    np.testing.assert_array_equal(root.lse, np.asarray(zarr.open_group(path)["lse"][0]))
+
+
+def test_verify_65536_tokens(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=65536, heads=1, head_dim=16, dtype="float32", is_causal=True)
+    run(path, itr=2, progress=False)
+    res = verify(path, rows=16)
+    assert res["ok"], res
+    assert res["max_rel_error"] <= 1e-5
+
+
+def test_verify_catches_a_wrong_output(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=300, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    run(path, itr=1, progress=False)
+    g = zarr.open_group(path)
+    g["out"][0, 1, 5, 3] = g["out"][0, 1, 5, 3] + 0.5
+    res = verify(path, rows=300)
+    assert not res["ok"]
+
+
+# --- bad input: a clear error, nothing written -----------------------------------
+
+
+def _tree(path: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in path.rglob("*")} if path.exists() else {}
+
+
+def test_missing_path_and_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        run(tmp_path / "nope", itr=1)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a run store"):
+        run(tmp_path / "plain", itr=1)
+    zarr.open_group(tmp_path / "other", mode="w").attrs["x"] = 1
+    with pytest.raises(StoreError, match="not a stream-cqsa run store"):
+        run(tmp_path / "other", itr=1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        run(tmp_path / "file", itr=1)
+
+
+def test_wrong_format_version(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=64, heads=1, head_dim=8, dtype="float32")
+    g = zarr.open_group(path)
+    meta = dict(g.attrs["stream_cqsa"])
+    meta["format_version"] = 99
+    g.attrs["stream_cqsa"] = meta
+    before = _tree(path)
+    with pytest.raises(StoreError, match="format version 99"):
+        run(path, itr=1)
+    assert _tree(path) == before
+
+
+def test_rerun_with_other_plan_refused_unless_restart(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=500, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    run(path, itr=2, progress=False)
+    with pytest.raises(StoreError, match="restart=True"):
+        run(path, itr=1, progress=False)
+    with pytest.raises(StoreError, match="restart=True"):
+        run(path, itr=2, quorum=2, progress=False)
+    stats = run(path, itr=1, progress=False, restart=True)
+    assert stats["units_skipped"] == 0
+
+
+def test_backward_needs_forward_and_dout(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=200, heads=2, head_dim=16, dtype="float32")
+    with pytest.raises(StoreError, match="finished forward"):
+        run_backward(path, np.zeros((1, 2, 200, 16), np.float32))
+    run(path, itr=1, progress=False)
+    with pytest.raises(StoreError, match="no dout"):
+        run_backward(path)
+    with pytest.raises(ValueError, match="shape"):
+        run_backward(path, np.zeros((1, 2, 199, 16), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        run_backward(path, np.zeros((1, 2, 200, 16), np.float16))
+
+
+def test_changed_inputs_are_caught(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=200, heads=2, head_dim=16, dtype="float32")
+    g = zarr.open_group(path)
+    g["k"][0, 0, 3, 3] = 7.0
+    with pytest.raises(StoreError, match="inputs changed"):
+        run(path, itr=1, progress=False)
+    create_random(path, seq_len=200, heads=2, head_dim=16, dtype="float32", overwrite=True)
+    run(path, itr=1, progress=False)
+    zarr.open_group(path)["v"][0, 1, 5, 0] = 3.0
+    with pytest.raises(StoreError, match="since the forward"):
+        run_backward(path, np.ones((1, 2, 200, 16), np.float32), progress=False)
+
+
+def test_create_refuses_bad_input_and_writes_nothing(tmp_path):
+    path = tmp_path / "s"
+    q = np.random.default_rng(0).standard_normal((1, 4, 64, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        create(path, q, q[:, :3], q[:, :3])
+    with pytest.raises(TypeError, match="dtypes differ"):
+        create(path, q, q.astype(np.float16), q)
+    with pytest.raises(ValueError, match="Lq must equal Lk"):
+        create(path, q, q[:, :, :60], q[:, :, :60])
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        create(path, q.astype(np.int32), q.astype(np.int32), q.astype(np.int32))
+    assert not path.exists()
+    create(path, q, q, q)
+    with pytest.raises(StoreError, match="overwrite=True"):
+        create(path, q, q, q)
+
+
+def test_cli_help_and_roundtrip(tmp_path, capsys):
+    from streamcqsa.cli import main
+
+    res = subprocess.run(
+        [sys.executable, "-m", "streamcqsa.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "usage" in res.stdout
+    for sub in ("init", "run", "backward", "status", "verify", "demo"):
+        with pytest.raises(SystemExit) as e:
+            main([sub, "--help"])
+        assert e.value.code == 0
+        assert "usage" in capsys.readouterr().out
+    path = str(tmp_path / "s")
+    assert (
+        main(
+            [
+                "init",
+                path,
+                "--seq-len",
+                "300",
+                "--heads",
+                "2",
+                "--head-dim",
+                "16",
+                "--dtype",
+                "float32",
+                "--causal",
+            ]
+        )
+        == 0
+    )
+    assert main(["run", path, "--itr", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["verify", path, "--rows", "20"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["backward", path, "--random-dout", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["status", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bwd"]["status"] == "done"
+    assert main(["run", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
