@@ -268,3 +268,18 @@ def test_cli_help_and_roundtrip(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["bwd"]["status"] == "done"
     assert main(["run", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_memory_store_and_dask_input():
+    import dask.array as da
+
+    q = da.random.default_rng(0).standard_normal((1, 2, 300, 16), chunks=(1, 1, 100, 16))
+    q = q.astype(np.float32)
+    store = zarr.storage.MemoryStore()
+    create(store, q, q, q, is_causal=True)
+    run(store, itr=2, progress=False)
+    qt = torch.from_numpy(q.compute())
+    expect = streamcqsa.attention(qt, qt, qt, itr=2, is_causal=True)
+    got = torch.from_numpy(np.asarray(zarr.open_group(store, mode="r")["out"][:]))
+    assert torch.equal(got, expect)
+    assert verify(store, rows=20)["ok"]
