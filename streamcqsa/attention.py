@@ -67,6 +67,19 @@ def validate(q: object, k: object, v: object, scale: object) -> float:
     return float(scale)
 
 
+def check_finite(name: str, x: Tensor, offset: int = 0) -> None:
+    """ValueError naming the token range of any NaN/Inf in x [B, H, L, D]."""
+    bad = ~torch.isfinite(x)
+    if not bad.any():
+        return
+    tokens = bad.any(dim=3).any(dim=1).any(dim=0).nonzero().flatten()
+    first, last = int(tokens[0]) + offset, int(tokens[-1]) + offset
+    raise ValueError(
+        f"{name} has NaN/Inf at {len(tokens)} token(s) in positions [{first}, {last}]; "
+        "pass allow_nonfinite=True to propagate them like SDPA"
+    )
+
+
 def _check_itr(itr: object) -> int:
     if isinstance(itr, bool) or not isinstance(itr, int):
         raise TypeError(f"itr must be a non-negative int, got {itr!r}")
@@ -175,6 +188,7 @@ def attention(
     backend: str | Backend = "auto",
     return_lse: bool = False,
     counter: WorkCounter | None = None,
+    allow_nonfinite: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention of q [B,H,L,D] over k, v [B,Hkv,L,D] by CQS division.
 
@@ -182,9 +196,13 @@ def attention(
     enable_gqa=True)``. ``itr`` levels of ``quorum`` (one k, or one per level)
     divide the sequence; ``itr=0`` is one undivided task. With ``return_lse``
     also returns the natural-log lse (fp32, [B,H,L]). ``counter`` receives the
-    score entries computed (forward and backward).
+    score entries computed (forward and backward). NaN/Inf inputs raise a
+    ValueError naming the tokens unless ``allow_nonfinite``.
     """
     s = validate(q, k, v, scale)
+    if not allow_nonfinite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_finite(name, t.detach())
     itr = _check_itr(itr)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")

@@ -8,6 +8,7 @@ order is fixed, so the result is bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from streamcqsa.kernels.backend import get_backend
 from streamcqsa.pipeline.graph import build_graph
 from streamcqsa.pipeline.steps import Context
 from streamcqsa.storage.layout import INPUTS, Problem
+from streamcqsa.storage.lock import StoreLock
 from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays
 from streamcqsa.storage.store import StoreError, fingerprint, open_group, update_meta
 
@@ -37,6 +39,16 @@ def clean_orphans(path: Any) -> int:
         f.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def check_writable(path: Any) -> None:
+    """A read-only store fails before any work starts (root ignores mode bits,
+    so they are checked too)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    p = Path(path)
+    if not os.access(p, os.W_OK) or not (p.stat().st_mode & stat.S_IWUSR):
+        raise StoreError(f"store {p} is read-only; a run needs to write into it")
 
 
 def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> int:
@@ -278,8 +290,21 @@ def _run_pass(
     if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
         raise ValueError(f"itr must be a non-negative int, got {itr!r}")
     group, problem, meta = open_group(store_path)
+    check_writable(store_path)
     get_backend(backend, "cpu")  # fail early on an unknown backend
     layout = _layout(problem, itr, quorum, head_group, task_bytes)
+    with StoreLock(store_path):
+        group, problem, meta = open_group(store_path)  # state as of holding the lock
+        return _locked_pass(store_path, group, problem, meta, layout, kind, t0=t0,
+                            backend=backend, scheduler=scheduler, workers=workers,
+                            keep_partials=keep_partials, progress=progress,
+                            restart=restart, check_inputs=check_inputs)
+
+
+def _locked_pass(store_path: Any, group: Any, problem: Problem, meta: dict, layout: Layout,
+                 kind: str, *, t0: float, backend: str, scheduler: Any, workers: int,
+                 keep_partials: bool, progress: bool, restart: bool,
+                 check_inputs: bool) -> dict:
     arrays = RunArrays(group, layout, kind)
     reuse = _check_plan(meta, kind, layout, restart, arrays)
     if check_inputs:

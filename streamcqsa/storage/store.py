@@ -150,6 +150,7 @@ def create(
     scale: float | None = None,
     overwrite: bool = False,
     chunk_tokens: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path | Any:
     """Write q [B,H,L,D], k, v [B,Hkv,L,D] (numpy, torch or dask) into a new store.
 
@@ -185,12 +186,25 @@ def create(
                     block = x[b : b + 1, :, a:z, :]
                     if hasattr(block, "compute"):
                         block = block.compute()
-                    arr[b : b + 1, :, a:z, :] = _stored_block(block, problem.dtype)
+                    data = _stored_block(block, problem.dtype)
+                    if not allow_nonfinite:
+                        _check_finite(name, b, a, data, problem.dtype)
+                    arr[b : b + 1, :, a:z, :] = data
         _finish_inputs(group, problem)
     except BaseException:
         _remove(path)
         raise
     return path
+
+
+def _check_finite(name: str, b: int, start: int, data: np.ndarray, dtype: str) -> None:
+    from streamcqsa.attention import check_finite
+    from streamcqsa.storage.layout import to_torch
+
+    try:
+        check_finite(name, to_torch(data, dtype), offset=start)
+    except ValueError as e:
+        raise ValueError(f"{e} (batch {b}); nothing was written") from None
 
 
 def _stored_block(block: Any, dtype: str) -> np.ndarray:
