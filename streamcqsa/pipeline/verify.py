@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamcqsa.storage.integrity import checked_read
 from streamcqsa.storage.layout import to_torch
 from streamcqsa.storage.store import StoreError, open_group
 
@@ -56,7 +57,8 @@ def verify(store_path: Any, rows: int = 64, *, seed: int = 0, batch: int | None 
         ref = acc / s[..., None]
         ref_lse = m + torch.log(s)
         got = torch.stack([_row(group, "out", b, i, p) for i in pos], dim=1).double()
-        got_lse = torch.from_numpy(np.asarray(group["lse"][b][:, pos])).double()
+        lse_rows = checked_read(group["lse"], (b, slice(None), slice(None)))
+        got_lse = torch.from_numpy(np.asarray(lse_rows)[:, pos]).double()
         rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)
         worst_rel = max(worst_rel, float(rel.max()))
         worst_lse = max(worst_lse, float((got_lse - ref_lse).abs().max()))
@@ -72,8 +74,10 @@ def verify(store_path: Any, rows: int = 64, *, seed: int = 0, batch: int | None 
 
 
 def _row(group: Any, name: str, b: int, i: int, p: Any) -> torch.Tensor:
-    return to_torch(np.asarray(group[name][b, :, i, :]), p.dtype).float()
+    data = checked_read(group[name], (b, slice(None), i, slice(None)))
+    return to_torch(np.asarray(data), p.dtype).float()
 
 
 def _block(group: Any, name: str, b: int, a: int, z: int, p: Any) -> torch.Tensor:
-    return to_torch(np.asarray(group[name][b, :, a:z, :]), p.dtype).double()
+    data = checked_read(group[name], (b, slice(None), slice(a, z), slice(None)))
+    return to_torch(np.asarray(data), p.dtype).double()

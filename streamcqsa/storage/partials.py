@@ -19,6 +19,7 @@ import torch
 import zarr
 
 from streamcqsa.cqs.divide import Node, Plan
+from streamcqsa.storage.integrity import checked_read
 from streamcqsa.storage.layout import GRADS, Problem, stored_dtype, to_stored, to_torch
 from streamcqsa.storage.store import array_kwargs
 
@@ -187,7 +188,8 @@ class RunArrays:
 
     # -- markers ---------------------------------------------------------------
     def done(self) -> np.ndarray:
-        return np.asarray(self.array(self.marker_path)[:]).astype(bool)
+        arr = self.array(self.marker_path)
+        return np.asarray(checked_read(arr, (slice(None),))).astype(bool)
 
     def is_done(self, unit: Unit) -> bool:
         return bool(self.array(self.marker_path)[self.layout.index(unit)])
@@ -208,7 +210,7 @@ class RunArrays:
     def read_rows(self, node: tuple[int, ...], name: str, b: int, g: int, a: int, z: int):
         """Rows [a, z) of a node's partial ``name`` (node-local), as fp32 torch."""
         arr, off = self._where(node, name)
-        data = arr[b : b + 1, self.heads(name, g), off + a : off + z]
+        data = checked_read(arr, (slice(b, b + 1), self.heads(name, g), slice(off + a, off + z)))
         return torch.from_numpy(np.ascontiguousarray(data))
 
     def write_rows(
@@ -251,7 +253,8 @@ def read_runs(
 ) -> torch.Tensor:
     """Gather token runs of an input/output array into one torch tensor."""
     arr = arrays.array(name)
-    parts = [np.asarray(arr[b : b + 1, heads, a : a + n]) for a, n in runs]
+    parts = [np.asarray(checked_read(arr, (slice(b, b + 1), heads, slice(a, a + n))))
+             for a, n in runs]
     data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
     if name == "lse":
         return torch.from_numpy(np.ascontiguousarray(data))
