@@ -1,4 +1,4 @@
-"""``streamcqsa`` command line: init, run, backward, status, verify, demo."""
+"""``streamcqsa`` command line: init, run, backward, status, verify, repair, demo."""
 
 from __future__ import annotations
 
@@ -142,6 +142,20 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if res["ok"] else 1
 
 
+def cmd_repair(a: argparse.Namespace) -> int:
+    from streamcqsa.pipeline import repair
+
+    rep = repair(a.path)
+    for kind in ("fwd", "bwd"):
+        for name, chunk in rep[kind]:
+            print(f"{kind}: corrupt chunk {chunk} of '{name}'")
+        if rep.get(f"{kind}_units_reset"):
+            print(f"{kind}: {rep[f'{kind}_units_reset']} units reset; run again to recompute them")
+    if not rep["fwd"] and not rep["bwd"]:
+        print("all chunks pass their checksums")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """Store pipeline end to end on a small default problem, then verify it."""
     from streamcqsa.cqs.divide import divide
@@ -240,6 +254,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("repair", help="find corrupt chunks; reset the units that made them")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("demo", help="run the store pipeline on a small default and verify")
     s.add_argument("--seq-len", type=int, default=8192)

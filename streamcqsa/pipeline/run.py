@@ -7,6 +7,7 @@ order is fixed, so the result is bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -39,6 +40,14 @@ def clean_orphans(path: Any) -> int:
         f.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def _can_read(arrays: RunArrays) -> bool:
+    try:
+        arrays.done()
+    except Exception:  # noqa: BLE001 - best effort, for the message only
+        return False
+    return True
 
 
 def check_writable(path: Any) -> None:
@@ -341,15 +350,25 @@ def _locked_pass(store_path: Any, group: Any, problem: Problem, meta: dict, layo
         ctx._arrays = arrays  # in-memory stores are shared, never reopened
     skip = set(np.flatnonzero(done).tolist())
     dsk, finals, units = build_graph(ctx, keep_partials=keep_partials, skip=skip)
-    _execute(
-        dsk,
-        finals,
-        len(units),
-        scheduler=scheduler,
-        workers=workers,
-        progress=progress,
-        desc=f"stream-cqsa {'forward' if kind == FWD else 'backward'}",
-    )
+    try:
+        _execute(
+            dsk,
+            finals,
+            len(units),
+            scheduler=scheduler,
+            workers=workers,
+            progress=progress,
+            desc=f"stream-cqsa {'forward' if kind == FWD else 'backward'}",
+        )
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        kept = int(arrays.done().sum()) if _can_read(arrays) else "unknown"
+        raise StoreError(
+            f"disk full while writing the store ({e}); the run stopped. Work already marked "
+            f"done is kept ({kept} of {layout.total_units} units); free space and run "
+            "again to resume"
+        ) from e
     stats = {
         "pass": kind,
         "plan": layout.describe(),
