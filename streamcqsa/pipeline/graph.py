@@ -30,7 +30,8 @@ def build_graph(
     already and left out (their barriers stay, with no dependencies)."""
     lay = ctx.layout
     plan = lay.plan
-    dsk: dict = {}
+    ctx_key = (f"{ctx.kind}-context",)
+    dsk: dict = {ctx_key: ctx}  # one copy, shipped once per worker by distributed
     unit_keys: list = []
     finals: list = []
     for b in range(lay.problem.batch):
@@ -48,12 +49,12 @@ def build_graph(
                     if lay.index(u) in skip:
                         continue
                     key = unit_key(ctx, u)
-                    dsk[key] = (run_unit, ctx, u, *deps)
+                    dsk[key] = (run_unit, ctx_key, u, *deps)
                     keys.append(key)
                     unit_keys.append(key)
                 bkey = (f"{ctx.kind}-node", b, g, node.path)
                 if not keep_partials and node.children and node.depth >= 0:
-                    dsk[bkey] = (clean_node, ctx, node.path, b, g, *keys)
+                    dsk[bkey] = (clean_node, ctx_key, node.path, b, g, *keys)
                 else:
                     dsk[bkey] = (_barrier, *keys)
                 barrier[node.path] = bkey

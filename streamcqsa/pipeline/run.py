@@ -121,16 +121,19 @@ def _torch_threads(workers: int):
 
 
 def _execute(
-    dsk: dict, finals: list, units: int, *, scheduler: Any, workers: int, progress: bool, desc: str
+    dsk: dict, finals: list, units: int, *, scheduler: Any, workers: int, progress: bool, desc: str,
+    gpu: bool = False,
 ) -> None:
+    """Threads (default), synchronous, or Dask distributed (a Client or an address)."""
+    resources = {"GPU": 1} if gpu else None
     if scheduler is not None and hasattr(scheduler, "get"):  # a distributed Client
-        scheduler.get(dsk, finals)
+        scheduler.get(dsk, finals, resources=resources)
         return
     if isinstance(scheduler, str) and "://" in scheduler:
         from distributed import Client
 
         with Client(scheduler) as client:
-            client.get(dsk, finals)
+            client.get(dsk, finals, resources=resources)
         return
     bar = _Progress(units, desc, progress)
     try:
@@ -345,7 +348,13 @@ def _locked_pass(store_path: Any, group: Any, problem: Problem, meta: dict, layo
         )
     else:
         meta = update_meta(group, **{BWD: {"plan": layout.describe(), "status": "running"}})
-    ctx = Context(store=store_path, layout=layout, kind=kind, backend=backend)
+    distributed = scheduler is not None and (
+        hasattr(scheduler, "get") or (isinstance(scheduler, str) and "://" in scheduler)
+    )
+    if distributed and not isinstance(store_path, (str, os.PathLike)):
+        raise ValueError("a distributed run needs a store path on a shared filesystem")
+    ctx = Context(store=str(store_path) if distributed else store_path, layout=layout,
+                  kind=kind, backend=backend, threads=1 if distributed else None)
     if not isinstance(store_path, (str, os.PathLike)):
         ctx._arrays = arrays  # in-memory stores are shared, never reopened
     skip = set(np.flatnonzero(done).tolist())

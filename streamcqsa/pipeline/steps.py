@@ -34,6 +34,7 @@ class Context:
     kind: str
     backend: str = "auto"
     device: str = "cpu"
+    threads: int | None = None  # torch threads per worker (set in worker processes)
     counter: WorkCounter = field(default_factory=WorkCounter)
     _arrays: RunArrays | None = field(default=None, repr=False, compare=False)
 
@@ -59,6 +60,8 @@ def run_unit(ctx: Context, unit: Unit, *_deps: Any) -> int:
     arrays = ctx.arrays
     if arrays.is_done(unit):
         return 0
+    if ctx.threads and torch.get_num_threads() != ctx.threads:
+        torch.set_num_threads(ctx.threads)
     if unit.kind == "leaf":
         (_leaf_forward if ctx.kind == FWD else _leaf_backward)(ctx, unit)
     else:
