@@ -18,7 +18,7 @@ from torch import Tensor
 from streamcqsa.cqs.divide import Node, Plan, divide
 from streamcqsa.kernels.backend import Backend, get_backend
 from streamcqsa.kernels.fold import fold, gather_runs, merge_combine, sum_partials
-from streamcqsa.kernels.runner import WorkCounter
+from streamcqsa.kernels.runner import WorkCounter, accumulator_dtype
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
 
@@ -56,6 +56,8 @@ def validate(q: object, k: object, v: object, scale: object) -> float:
         raise ValueError(f"q has {lq} tokens but k/v have {lk}: CQS self-attention needs Lq == Lk")
     if lq < 1:
         raise ValueError("sequence length must be >= 1")
+    if d < 1:
+        raise ValueError(f"head dim must be >= 1, got {d}")
     if hk < 1 or h % hk:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
     if scale is None:
@@ -88,10 +90,19 @@ def _check_itr(itr: object) -> int:
     return itr
 
 
-def _quorum_key(quorum: int | Sequence[int]) -> int | tuple[int, ...]:
-    if isinstance(quorum, Sequence) and not isinstance(quorum, (str, bytes)):
-        return tuple(quorum)
-    return quorum  # type: ignore[return-value]
+def _quorum_key(quorum: object) -> int | tuple[int, ...]:
+    """Plain ints for the plan cache (3.0 must not hit the entry for 3)."""
+
+    def one(x: object) -> int:
+        if isinstance(x, bool) or not hasattr(x, "__index__"):
+            raise TypeError(f"quorum sizes must be ints, got {x!r}")
+        return int(x.__index__())  # type: ignore[attr-defined]
+
+    if isinstance(quorum, (str, bytes)):
+        raise TypeError(f"quorum must be an int or a sequence of ints, got {quorum!r}")
+    if hasattr(quorum, "__iter__"):
+        return tuple(one(x) for x in quorum)  # type: ignore[union-attr]
+    return one(quorum)
 
 
 class Engine:
@@ -122,8 +133,8 @@ class Engine:
         parts = {c: self._forward_node(self.plan.by_path[c], q, k, v, dt) for c in node.children}
         shape = (*q.shape[:2], node.length, q.shape[3])
         acc = (
-            torch.empty(shape, dtype=torch.float32, device=q.device),
-            torch.empty(shape[:-1], dtype=torch.float32, device=q.device),
+            torch.empty(shape, dtype=accumulator_dtype(dt), device=q.device),
+            torch.empty(shape[:-1], dtype=accumulator_dtype(dt), device=q.device),
         )
         return fold(self.plan.merge_sources(node), parts, acc, merge_combine, (0.0, -math.inf))
 
@@ -152,7 +163,7 @@ class Engine:
         parts = {c: self._backward_node(self.plan.by_path[c], xs, dt) for c in node.children}
         n = node.length
         acc = tuple(
-            torch.empty((*t.shape[:2], n, t.shape[3]), dtype=torch.float32, device=t.device)
+            torch.empty((*t.shape[:2], n, t.shape[3]), dtype=accumulator_dtype(dt), device=t.device)
             for t in (q, k, v)
         )
         return fold(self.plan.merge_sources(node), parts, acc, sum_partials, (0.0, 0.0, 0.0))

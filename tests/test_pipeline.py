@@ -87,9 +87,10 @@ def test_keep_partials_false_deletes_partials(tmp_path):
     s1 = run(kept, itr=2, progress=False)
     s2 = run(dropped, itr=2, progress=False, keep_partials=False)
     assert s1["partial_disk_bytes"] == s2["partial_disk_bytes"] > 0
-    chunks = lambda p: [
-        f for f in (p / "partials").rglob("*") if f.is_file() and "/c/" in f.as_posix()
-    ]  # noqa: E731, E501
+
+    def chunks(p):
+        return [f for f in (p / "partials").rglob("*") if f.is_file() and "/c/" in f.as_posix()]
+
     assert len(chunks(kept)) > 0
     assert chunks(dropped) == []
     assert torch.equal(_load(kept, "out", "float32"), _load(dropped, "out", "float32"))

@@ -65,7 +65,7 @@ def gather_runs(
 ) -> Tensor:
     """Token runs of x [B, H, L, ...] as one tensor, cast once (a view if one run)."""
     total = sum(n for _, n in runs)
-    if len(runs) == 1 and (dtype is None or dtype == x.dtype):
+    if len(runs) == 1 and (dtype is None or dtype == x.dtype) and x.stride(-1) == 1:
         a, n = runs[0]
         return x[:, :, a : a + n]
     dst = torch.empty((*x.shape[:2], total, *x.shape[3:]), dtype=dtype or x.dtype, device=x.device)

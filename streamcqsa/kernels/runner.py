@@ -29,6 +29,11 @@ class WorkCounter:
         self.calls += calls
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulators (fp64 only for fp64 inputs, which want fp64 results)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check(blocks: BlockList, q: Tensor, is_causal: bool | None) -> None:
     if is_causal is not None and bool(is_causal) != blocks.is_causal:
         raise ValueError(
@@ -57,8 +62,9 @@ def forward(
     _check(blocks, q, is_causal)
     be = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    acc = accumulator_dtype(q.dtype)
+    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
     if all(b.fresh for b in blocks.blocks):
         for a, z in blocks.empty_rows:
             out[:, :, a:z] = 0.0
@@ -81,7 +87,7 @@ def forward(
             dst[0].copy_(o)
             dst[1].copy_(s)
         else:
-            merge_partials([dst, (o.float(), s.float())], out=dst)
+            merge_partials([dst, (o.to(acc), s.to(acc))], out=dst)
         if counter is not None:
             counter.add(b.entries * bh)
     return out, lse
@@ -109,9 +115,10 @@ def backward(
     _check(blocks, q, is_causal)
     be = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    acc = accumulator_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     out = out.to(q.dtype)
     dout = dout.to(q.dtype)
     bh = q.shape[0] * q.shape[1]

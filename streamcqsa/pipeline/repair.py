@@ -32,9 +32,11 @@ def repair(store_path: Any) -> dict:
                 continue
             plan = entry["plan"]
             layout = Layout(
-                plan=divide(problem.seq_len, plan["itr"], plan["quorums"],
-                            is_causal=problem.is_causal),
-                problem=problem, head_group=plan["head_group"],
+                plan=divide(
+                    problem.seq_len, plan["itr"], plan["quorums"], is_causal=problem.is_causal
+                ),
+                problem=problem,
+                head_group=plan["head_group"],
             )
             arrays = RunArrays(group, layout, kind)
             units: set[Unit] = set()
@@ -68,8 +70,10 @@ def repair(store_path: Any) -> dict:
             report[f"{kind}_units_reset"] = len(full)
     if report["inputs"]:
         names = ", ".join(f"{n} chunk {c}" for n, c in report["inputs"])
-        raise StoreError(f"input chunks are corrupt and cannot be recomputed: {names}; "
-                         "recreate the store from its source")
+        raise StoreError(
+            f"input chunks are corrupt and cannot be recomputed: {names}; "
+            "recreate the store from its source"
+        )
     return report
 
 

@@ -121,7 +121,14 @@ def _torch_threads(workers: int):
 
 
 def _execute(
-    dsk: dict, finals: list, units: int, *, scheduler: Any, workers: int, progress: bool, desc: str,
+    dsk: dict,
+    finals: list,
+    units: int,
+    *,
+    scheduler: Any,
+    workers: int,
+    progress: bool,
+    desc: str,
     gpu: bool = False,
 ) -> None:
     """Threads (default), synchronous, or Dask distributed (a Client or an address)."""
@@ -307,16 +314,41 @@ def _run_pass(
     layout = _layout(problem, itr, quorum, head_group, task_bytes)
     with StoreLock(store_path):
         group, problem, meta = open_group(store_path)  # state as of holding the lock
-        return _locked_pass(store_path, group, problem, meta, layout, kind, t0=t0,
-                            backend=backend, scheduler=scheduler, workers=workers,
-                            keep_partials=keep_partials, progress=progress,
-                            restart=restart, check_inputs=check_inputs)
+        return _locked_pass(
+            store_path,
+            group,
+            problem,
+            meta,
+            layout,
+            kind,
+            t0=t0,
+            backend=backend,
+            scheduler=scheduler,
+            workers=workers,
+            keep_partials=keep_partials,
+            progress=progress,
+            restart=restart,
+            check_inputs=check_inputs,
+        )
 
 
-def _locked_pass(store_path: Any, group: Any, problem: Problem, meta: dict, layout: Layout,
-                 kind: str, *, t0: float, backend: str, scheduler: Any, workers: int,
-                 keep_partials: bool, progress: bool, restart: bool,
-                 check_inputs: bool) -> dict:
+def _locked_pass(
+    store_path: Any,
+    group: Any,
+    problem: Problem,
+    meta: dict,
+    layout: Layout,
+    kind: str,
+    *,
+    t0: float,
+    backend: str,
+    scheduler: Any,
+    workers: int,
+    keep_partials: bool,
+    progress: bool,
+    restart: bool,
+    check_inputs: bool,
+) -> dict:
     arrays = RunArrays(group, layout, kind)
     reuse = _check_plan(meta, kind, layout, restart, arrays)
     if check_inputs:
@@ -353,8 +385,13 @@ def _locked_pass(store_path: Any, group: Any, problem: Problem, meta: dict, layo
     )
     if distributed and not isinstance(store_path, (str, os.PathLike)):
         raise ValueError("a distributed run needs a store path on a shared filesystem")
-    ctx = Context(store=str(store_path) if distributed else store_path, layout=layout,
-                  kind=kind, backend=backend, threads=1 if distributed else None)
+    ctx = Context(
+        store=str(store_path) if distributed else store_path,
+        layout=layout,
+        kind=kind,
+        backend=backend,
+        threads=1 if distributed else None,
+    )
     if not isinstance(store_path, (str, os.PathLike)):
         ctx._arrays = arrays  # in-memory stores are shared, never reopened
     skip = set(np.flatnonzero(done).tolist())

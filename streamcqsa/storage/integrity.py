@@ -39,14 +39,16 @@ def chunk_ranges(arr: Any, sel: tuple[slice | int, ...]) -> list[tuple[int, ...]
         else:
             a, z, _ = s.indices(n)
             coords.append(range(a // c, max(a, z - 1) // c + 1))
-    for c, n in zip(arr.chunks[len(sel):], arr.shape[len(sel):], strict=True):
+    for c, n in zip(arr.chunks[len(sel) :], arr.shape[len(sel) :], strict=True):
         coords.append(range(0, -(-n // c)))
     return list(itertools.product(*coords))
 
 
 def _chunk_sel(arr: Any, coord: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(i * c, min((i + 1) * c, n))
-                 for i, c, n in zip(coord, arr.chunks, arr.shape, strict=True))
+    return tuple(
+        slice(i * c, min((i + 1) * c, n))
+        for i, c, n in zip(coord, arr.chunks, arr.shape, strict=True)
+    )
 
 
 def checked_read(arr: Any, sel: tuple[slice | int, ...]) -> Any:

@@ -25,7 +25,6 @@ _STORED = {
     "float32": ("float32", torch.float32),
     "float16": ("float16", torch.float16),
     "bfloat16": ("uint16", torch.bfloat16),
-    "float64": ("float64", torch.float64),
 }
 DTYPES = tuple(_STORED)
 

@@ -253,8 +253,9 @@ def read_runs(
 ) -> torch.Tensor:
     """Gather token runs of an input/output array into one torch tensor."""
     arr = arrays.array(name)
-    parts = [np.asarray(checked_read(arr, (slice(b, b + 1), heads, slice(a, a + n))))
-             for a, n in runs]
+    parts = [
+        np.asarray(checked_read(arr, (slice(b, b + 1), heads, slice(a, a + n)))) for a, n in runs
+    ]
     data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
     if name == "lse":
         return torch.from_numpy(np.ascontiguousarray(data))
