@@ -42,6 +42,16 @@ def clean_orphans(path: Any) -> int:
     return n
 
 
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str) or not device.startswith(("cpu", "cuda")):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    return device
+
+
 def _can_read(arrays: RunArrays) -> bool:
     try:
         arrays.done()
@@ -187,6 +197,7 @@ def run(
     *,
     quorum: int | Sequence[int] = 3,
     backend: str = "auto",
+    device: str = "auto",
     scheduler: Any = None,
     workers: int = 2,
     keep_partials: bool = True,
@@ -200,7 +211,7 @@ def run(
 
     Resumes a pass that was interrupted (same plan); refuses a different plan
     over unfinished work unless ``restart``. Returns run statistics, including
-    the disk the partials need.
+    the disk the partials need. ``device="auto"`` uses CUDA when available.
     """
     return _run_pass(
         store_path,
@@ -208,6 +219,7 @@ def run(
         itr=itr,
         quorum=quorum,
         backend=backend,
+        device=device,
         scheduler=scheduler,
         workers=workers,
         keep_partials=keep_partials,
@@ -224,6 +236,7 @@ def run_backward(
     dout: Any = None,
     *,
     backend: str = "auto",
+    device: str = "auto",
     scheduler: Any = None,
     workers: int = 2,
     keep_partials: bool = True,
@@ -242,7 +255,7 @@ def run_backward(
     if not fwd or fwd.get("status") != "done":
         raise StoreError("run_backward needs a finished forward pass: call run() first")
     if dout is not None:
-        _write_dout(group, problem, dout)
+        _check_dout(problem, dout)
         restart = True  # new dout: earlier backward results are stale
     elif "dout" not in group:
         raise StoreError("no dout: pass dout=... (same shape as q) or store one first")
@@ -253,6 +266,8 @@ def run_backward(
         itr=plan["itr"],
         quorum=plan["quorums"],
         backend=backend,
+        device=device,
+        dout=dout,
         scheduler=scheduler,
         workers=workers,
         keep_partials=keep_partials,
@@ -264,21 +279,27 @@ def run_backward(
     )
 
 
-def _write_dout(group: Any, problem: Problem, dout: Any) -> None:
-    from streamcqsa.storage.layout import dtype_name, stored_dtype
-    from streamcqsa.storage.store import _stored_block, array_kwargs
+def _check_dout(problem: Problem, dout: Any) -> None:
+    from streamcqsa.storage.layout import dtype_name
 
-    if isinstance(dout, torch.Tensor):
-        dout = dout.detach().cpu()
     shape = (problem.batch, problem.heads, problem.seq_len, problem.head_dim)
     if tuple(getattr(dout, "shape", ())) != shape:
         raise ValueError(f"dout must have shape {shape}, got {getattr(dout, 'shape', None)}")
     if dtype_name(dout.dtype) != problem.dtype:
         raise TypeError(f"dout dtype {dout.dtype} differs from the store's {problem.dtype}")
+
+
+def _write_dout(group: Any, problem: Problem, dout: Any) -> None:
+    from streamcqsa.storage.layout import stored_dtype
+    from streamcqsa.storage.store import _stored_block, array_kwargs
+
+    if isinstance(dout, torch.Tensor):
+        dout = dout.detach().cpu()
+    _check_dout(problem, dout)
     c = problem.chunk_tokens
     arr = group.create_array(
         "dout",
-        shape=shape,
+        shape=(problem.batch, problem.heads, problem.seq_len, problem.head_dim),
         **array_kwargs(stored_dtype(problem.dtype), (1, 1, c, problem.head_dim)),
     )
     for b in range(problem.batch):
@@ -296,6 +317,7 @@ def _run_pass(
     itr: int,
     quorum: Any,
     backend: str,
+    device: str,
     scheduler: Any,
     workers: int,
     keep_partials: bool,
@@ -304,13 +326,15 @@ def _run_pass(
     head_group: int | None,
     task_bytes: int,
     check_inputs: bool,
+    dout: Any = None,
 ) -> dict:
     t0 = time.perf_counter()
+    device = resolve_device(device)
     if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
         raise ValueError(f"itr must be a non-negative int, got {itr!r}")
     group, problem, meta = open_group(store_path)
     check_writable(store_path)
-    get_backend(backend, "cpu")  # fail early on an unknown backend
+    get_backend(backend, device)  # fail early on an unknown or unavailable backend
     layout = _layout(problem, itr, quorum, head_group, task_bytes)
     with StoreLock(store_path):
         group, problem, meta = open_group(store_path)  # state as of holding the lock
@@ -323,6 +347,8 @@ def _run_pass(
             kind,
             t0=t0,
             backend=backend,
+            device=device,
+            dout=dout,
             scheduler=scheduler,
             workers=workers,
             keep_partials=keep_partials,
@@ -342,6 +368,8 @@ def _locked_pass(
     *,
     t0: float,
     backend: str,
+    device: str,
+    dout: Any,
     scheduler: Any,
     workers: int,
     keep_partials: bool,
@@ -362,6 +390,8 @@ def _locked_pass(
             )
     if kind == FWD and not reuse and meta.get(BWD):
         meta = update_meta(group, **{BWD: None})
+    if dout is not None:  # only now: every check above has passed
+        _write_dout(group, problem, dout)
     removed = clean_orphans(store_path)
     if not reuse:
         _reset(arrays)
@@ -390,6 +420,7 @@ def _locked_pass(
         layout=layout,
         kind=kind,
         backend=backend,
+        device=device,
         threads=1 if distributed else None,
     )
     if not isinstance(store_path, (str, os.PathLike)):
@@ -405,6 +436,7 @@ def _locked_pass(
             workers=workers,
             progress=progress,
             desc=f"stream-cqsa {'forward' if kind == FWD else 'backward'}",
+            gpu=device.startswith("cuda"),
         )
     except OSError as e:
         if e.errno != errno.ENOSPC:
