@@ -1,0 +1,126 @@
+"""GPU benchmark: torch SDPA (flash, in GPU memory) vs the engine and the pipeline.
+
+B=1, H=8, D=64, causal, fp16 at L = 1M and 2M (override with --seq-lens).
+Writes gpu.md / gpu.json into --out (default bench/results). Only run this
+on a GPU; rows say which GPU they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import zarr
+
+from streamcqsa import attention
+from streamcqsa.pipeline import run
+from streamcqsa.storage import create
+
+
+def cuda_time(fn) -> tuple[float, float]:  # noqa: ANN001
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seq-lens", default="1048576,2097152")
+    ap.add_argument(
+        "--pipeline-max",
+        type=int,
+        default=1048576,
+        help="largest L also run through the store pipeline",
+    )
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_bench needs CUDA")
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for L in (int(x) for x in a.seq_lens.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 8, L, 64, device="cuda", dtype=torch.float16, generator=g)
+            for _ in range(3)
+        )
+        with torch.no_grad():
+            F.scaled_dot_product_attention(
+                q[:, :, :4096], k[:, :, :4096], v[:, :, :4096], is_causal=True
+            )
+            sdpa_s, sdpa_mem = cuda_time(
+                partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+            )
+            rows.append(
+                {
+                    "L": L,
+                    "what": "torch SDPA (GPU memory)",
+                    "s": sdpa_s,
+                    "ratio": 1.0,
+                    "peak_gib": sdpa_mem,
+                }
+            )
+            for itr in (1, 2):
+                t, m = cuda_time(partial(attention, q, k, v, itr=itr, is_causal=True))
+                rows.append(
+                    {
+                        "L": L,
+                        "what": f"engine itr={itr} (GPU memory)",
+                        "s": t,
+                        "ratio": t / sdpa_s,
+                        "peak_gib": m,
+                    }
+                )
+                print(rows[-1], flush=True)
+        if L <= a.pipeline_max:
+            store = zarr.storage.MemoryStore()
+            create(store, q.cpu(), k.cpu(), v.cpu(), is_causal=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+            for itr in (1, 2):
+                t, m = cuda_time(
+                    partial(
+                        run, store, itr=itr, device="cuda", progress=False, restart=True, workers=2
+                    )
+                )
+                rows.append(
+                    {
+                        "L": L,
+                        "what": f"pipeline itr={itr} (host store)",
+                        "s": t,
+                        "ratio": t / sdpa_s,
+                        "peak_gib": m,
+                    }
+                )
+                print(rows[-1], flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(
+        json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=2)
+    )
+    lines = [
+        f"# GPU benchmark ({gpu}, torch {torch.__version__})",
+        "",
+        "B=1, H=8, D=64, causal, fp16. Ratio = time / SDPA time at the same L.",
+        "",
+        "| L | what | s | ratio | peak GiB |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['L']} | {r['what']} | {r['s']:.2f} | {r['ratio']:.2f} | {r['peak_gib']:.1f} |"
+        for r in rows
+    ]
+    (out / "gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

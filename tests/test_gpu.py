@@ -1,0 +1,65 @@
+"""Correctness on CUDA (marker ``gpu``; skipped without a GPU).
+
+Run by bench/gpu_check.sh on a lent GPU machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import streamcqsa
+from streamcqsa.pipeline import run, run_backward
+from streamcqsa.storage import create
+
+pytestmark = pytest.mark.gpu
+F64 = torch.float64
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("itr", [0, 1, 2])
+def test_cuda_forward_backward_within_bounds(dtype, causal, itr):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 1009, 64, generator=g, dtype=F64)
+    k = torch.randn(2, 2, 1009, 64, generator=g, dtype=F64)
+    v = torch.randn(2, 2, 1009, 64, generator=g, dtype=F64)
+    qc, kc, vc = (x.to("cuda", dtype).requires_grad_() for x in (q, k, v))
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (qc, kc, vc))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q64, k64, v64, is_causal=causal, enable_gqa=True
+    )
+    sd = torch.nn.functional.scaled_dot_product_attention(
+        qc, kc, vc, is_causal=causal, enable_gqa=True
+    )
+    out = streamcqsa.attention(qc, kc, vc, itr=itr, is_causal=causal)
+    assert _rel(out.cpu(), ref) <= 1.5 * _rel(sd.cpu(), ref) + 1e-6
+    dout = torch.randn(out.shape, generator=g, dtype=F64)
+    gref = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    gsd = torch.autograd.grad(sd, (qc, kc, vc), dout.to("cuda", dtype))
+    got = torch.autograd.grad(out, (qc, kc, vc), dout.to("cuda", dtype))
+    for a, s, r in zip(got, gsd, gref, strict=True):
+        assert _rel(a.cpu(), r) <= 1.5 * _rel(s.cpu(), r) + 1e-6
+
+
+def test_cuda_pipeline_equals_engine(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 3000, 64, generator=g).half() for _ in range(3))
+    create(tmp_path / "s", q, k, v, is_causal=True)
+    run(tmp_path / "s", itr=2, device="cuda", progress=False, head_group=4)
+    qc, kc, vc = (x.cuda().requires_grad_() for x in (q, k, v))
+    out = streamcqsa.attention(qc, kc, vc, itr=2, is_causal=True)
+    got = zarr.open_group(tmp_path / "s", mode="r")["out"][:]
+    assert np.array_equal(got, out.detach().cpu().numpy())
+    dout = torch.randn(out.shape, generator=g).half()
+    run_backward(tmp_path / "s", dout, device="cuda", progress=False)
+    grads = torch.autograd.grad(out, (qc, kc, vc), dout.cuda())
+    grp = zarr.open_group(tmp_path / "s", mode="r")
+    for name, gr in zip(("dq", "dk", "dv"), grads, strict=True):
+        assert np.array_equal(grp[name][:], gr.cpu().numpy()), name
