@@ -186,7 +186,7 @@ def test_backward_needs_forward_and_dout(tmp_path):
     with pytest.raises(StoreError, match="finished forward"):
         run_backward(path, np.zeros((1, 2, 200, 16), np.float32))
     run(path, itr=1, progress=False)
-    with pytest.raises(StoreError, match="no dout"):
+    with pytest.raises(StoreError, match="no complete dout"):
         run_backward(path)
     with pytest.raises(ValueError, match="shape"):
         run_backward(path, np.zeros((1, 2, 199, 16), np.float32))

@@ -53,14 +53,20 @@ def forward(
     *,
     backend: str | Backend = "auto",
     counter: WorkCounter | None = None,
+    block_device: torch.device | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Partial (out fp32 [B,H,L,D], lse fp32 [B,H,L]) of one task.
+
+    With ``block_device`` the task stays where it is and each block's rows
+    and keys visit that device alone (the guardrail's divided mode): the same
+    kernel calls, merged in the same order, so the same bits.
 
     Rows with no block stay empty (out 0, lse -inf). Blocks that reach rows
     already written merge into them, in block order.
     """
     _check(blocks, q, is_causal)
-    be = get_backend(backend, q.device)
+    dev = q.device if block_device is None else torch.device(block_device)
+    be = get_backend(backend, dev)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     acc = accumulator_dtype(q.dtype)
     out = torch.empty(q.shape, dtype=acc, device=q.device)
@@ -76,12 +82,13 @@ def forward(
     for b in blocks.blocks:
         rows = slice(b.q_start, b.q_stop)
         o, s = be.block_forward(
-            q[:, :, rows],
-            k[:, :, b.k_start : b.k_stop],
-            v[:, :, b.k_start : b.k_stop],
+            q[:, :, rows].to(dev),
+            k[:, :, b.k_start : b.k_stop].to(dev),
+            v[:, :, b.k_start : b.k_stop].to(dev),
             causal=b.causal,
             scale=scale,
         )
+        o, s = o.to(out.device), s.to(out.device)
         dst = (out[:, :, rows], lse[:, :, rows])
         if b.fresh:  # merging into the identity would give these same bits
             dst[0].copy_(o)
@@ -106,6 +113,7 @@ def backward(
     *,
     backend: str | Backend = "auto",
     counter: WorkCounter | None = None,
+    block_device: torch.device | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Partial (dq, dk, dv) fp32 of one task, from the *global* out and lse rows.
 
@@ -113,7 +121,8 @@ def backward(
     partials of the full gradient and simply add up.
     """
     _check(blocks, q, is_causal)
-    be = get_backend(backend, q.device)
+    dev = q.device if block_device is None else torch.device(block_device)
+    be = get_backend(backend, dev)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     acc = accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -126,15 +135,13 @@ def backward(
         qr = slice(b.q_start, b.q_stop)
         kr = slice(b.k_start, b.k_stop)
         gq, gk, gv = be.block_backward(
-            dout[:, :, qr],
-            q[:, :, qr],
-            k[:, :, kr],
-            v[:, :, kr],
-            out[:, :, qr],
-            lse[:, :, qr],
+            *(t.to(dev) for t in (dout[:, :, qr], q[:, :, qr], k[:, :, kr], v[:, :, kr])),
+            out[:, :, qr].to(dev),
+            lse[:, :, qr].to(dev),
             causal=b.causal,
             scale=scale,
         )
+        gq, gk, gv = gq.to(dq.device), gk.to(dq.device), gv.to(dq.device)
         dq[:, :, qr] += gq
         dk[:, :, kr] += gk
         dv[:, :, kr] += gv

@@ -257,8 +257,11 @@ def run_backward(
     if dout is not None:
         _check_dout(problem, dout)
         restart = True  # new dout: earlier backward results are stale
-    elif "dout" not in group:
-        raise StoreError("no dout: pass dout=... (same shape as q) or store one first")
+    elif (meta.get("dout") or {}).get("status") != "complete":
+        raise StoreError(
+            "no complete dout in the store (none given yet, or its write was interrupted): "
+            "pass dout=... (same shape as q)"
+        )
     plan = fwd["plan"]
     return _run_pass(
         store_path,
@@ -391,7 +394,13 @@ def _locked_pass(
     if kind == FWD and not reuse and meta.get(BWD):
         meta = update_meta(group, **{BWD: None})
     if dout is not None:  # only now: every check above has passed
+        # forget the old backward first, and record dout as complete only once
+        # it is fully written: a kill in between leaves no usable dout behind
+        meta = update_meta(group, dout=None, **{BWD: None})
+        _reset(arrays)
         _write_dout(group, problem, dout)
+        meta = update_meta(group, dout={"status": "complete"})
+        reuse = False
     removed = clean_orphans(store_path)
     if not reuse:
         _reset(arrays)

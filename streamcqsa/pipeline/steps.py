@@ -9,6 +9,7 @@ re-run after a crash.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from streamcqsa.kernels.merge import merge_partials
 from streamcqsa.kernels.runner import WorkCounter
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
+from streamcqsa.pipeline.guardrail import Guardrail, block_bytes, task_bytes
 from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_names, read_runs
 from streamcqsa.storage.store import open_group
 
@@ -35,6 +37,10 @@ class Context:
     backend: str = "auto"
     device: str = "cpu"
     threads: int | None = None  # torch threads per worker (set in worker processes)
+    n_cap: int = 2  # tasks resident per device (the guardrail lowers it on OOM)
+    budget_bytes: int | None = None  # device memory budget the guardrail enforces
+    inject_oom: Any = None  # test hook: (task name, n_cap) -> bool
+    run_id: str = ""
     counter: WorkCounter = field(default_factory=WorkCounter)
     _arrays: RunArrays | None = field(default=None, repr=False, compare=False)
 
@@ -53,6 +59,20 @@ class Context:
             )
             self._arrays = RunArrays(group, self.layout, self.kind)
         return self._arrays
+
+
+_GUARDRAILS: dict[str, Guardrail] = {}
+_GUARD_LOCK = threading.Lock()
+
+
+def guardrail_for(ctx: Context) -> Guardrail:
+    """One guardrail per run and process (it is shared state of the device)."""
+    with _GUARD_LOCK:
+        if ctx.run_id not in _GUARDRAILS:
+            _GUARDRAILS[ctx.run_id] = Guardrail(
+                n_cap=ctx.n_cap, budget_bytes=ctx.budget_bytes, inject=ctx.inject_oom
+            )
+        return _GUARDRAILS[ctx.run_id]
 
 
 def run_unit(ctx: Context, unit: Unit, *_deps: Any) -> int:
@@ -74,51 +94,94 @@ def _device(ctx: Context) -> torch.device:
     return torch.device(ctx.device)
 
 
+def _guarded(
+    ctx: Context,
+    unit: Unit,
+    fn: Any,
+    tensors: list[torch.Tensor],
+    host: list[torch.Tensor],
+    dt: torch.dtype,
+) -> Any:
+    """Run a leaf through the device guardrail: whole, or block by block."""
+    lay = ctx.layout
+    node = lay.plan.by_path[unit.node]
+    p = lay.problem
+    dev = _device(ctx)
+    r, hg = p.group_ratio, lay.head_group
+    size = torch.empty((), dtype=dt).element_size()
+    whole = task_bytes(node.blocks, hg * r, hg, p.head_dim, size)
+    part = block_bytes(node.blocks, hg * r, hg, p.head_dim, size)
+    name = f"{node.name}[b{unit.b},g{unit.g}]"
+
+    def run_whole() -> Any:
+        return fn(*(t.to(dev) for t in tensors), *host)
+
+    def run_divided() -> Any:
+        return fn(*tensors, *host, block_device=dev)
+
+    return guardrail_for(ctx).run(name, (whole, run_whole), (part, run_divided))
+
+
 def _leaf_forward(ctx: Context, unit: Unit) -> None:
     lay, arrays = ctx.layout, ctx.arrays
     p = lay.problem
     node = lay.plan.by_path[unit.node]
-    dev = _device(ctx)
-    be = get_backend(ctx.backend, dev)
-    dt = be.compute_dtype(_dtype(p), dev)
-    q = read_runs(arrays, "q", unit.b, lay.q_heads(unit.g), node.runs, p)
-    k = read_runs(arrays, "k", unit.b, lay.kv_heads(unit.g), node.runs, p)
-    v = read_runs(arrays, "v", unit.b, lay.kv_heads(unit.g), node.runs, p)
-    out, lse = task_forward(
-        q.to(dev, dt),
-        k.to(dev, dt),
-        v.to(dev, dt),
-        node.blocks,
-        scale=p.scale,
-        backend=be,
-        counter=ctx.counter,
-    )
-    arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out.cpu())
-    arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse.cpu())
+    be = get_backend(ctx.backend, _device(ctx))
+    dt = be.compute_dtype(_dtype(p), _device(ctx))
+    q = read_runs(arrays, "q", unit.b, lay.q_heads(unit.g), node.runs, p).to(dtype=dt)
+    k = read_runs(arrays, "k", unit.b, lay.kv_heads(unit.g), node.runs, p).to(dtype=dt)
+    v = read_runs(arrays, "v", unit.b, lay.kv_heads(unit.g), node.runs, p).to(dtype=dt)
+
+    def fn(q, k, v, block_device=None):  # noqa: ANN001, ANN202
+        out, lse = task_forward(
+            q,
+            k,
+            v,
+            node.blocks,
+            scale=p.scale,
+            backend=be,
+            counter=ctx.counter,
+            block_device=block_device,
+        )
+        return out.cpu(), lse.cpu()
+
+    out, lse = _guarded(ctx, unit, fn, [q, k, v], [], dt)
+    arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out)
+    arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse)
 
 
 def _leaf_backward(ctx: Context, unit: Unit) -> None:
     lay, arrays = ctx.layout, ctx.arrays
     p = lay.problem
     node = lay.plan.by_path[unit.node]
-    dev = _device(ctx)
-    be = get_backend(ctx.backend, dev)
-    dt = be.compute_dtype(_dtype(p), dev)
+    be = get_backend(ctx.backend, _device(ctx))
+    dt = be.compute_dtype(_dtype(p), _device(ctx))
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
     xs = {
         name: read_runs(arrays, name, unit.b, kh if name in ("k", "v") else qh, node.runs, p)
         for name in ("q", "k", "v", "dout", "out", "lse")
     }
-    dq, dk, dv = task_backward(
-        *(xs[n].to(dev, dt) for n in ("q", "k", "v", "dout", "out")),
-        xs["lse"].to(dev),
-        node.blocks,
-        scale=p.scale,
-        backend=be,
-        counter=ctx.counter,
-    )
+
+    def fn(q, k, v, dout, out, lse, block_device=None):  # noqa: ANN001, ANN202
+        grads = task_backward(
+            q,
+            k,
+            v,
+            dout,
+            out,
+            lse,
+            node.blocks,
+            scale=p.scale,
+            backend=be,
+            counter=ctx.counter,
+            block_device=block_device,
+        )
+        return tuple(g.cpu() for g in grads)
+
+    tensors = [xs[n].to(dtype=dt) for n in ("q", "k", "v", "dout", "out")] + [xs["lse"]]
+    dq, dk, dv = _guarded(ctx, unit, fn, tensors, [], dt)
     for name, t in zip(("dq", "dk", "dv"), (dq, dk, dv), strict=True):
-        arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t.cpu())
+        arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)
 
 
 def _dtype(p: Any) -> torch.dtype:

@@ -1,0 +1,139 @@
+"""The OOM guardrail (paper §2.5): at most ``n_cap`` tasks resident per device.
+
+On out-of-memory the task is evicted and requeued and ``n_cap`` drops by one.
+At ``n_cap == 1`` a task that still does not fit divides itself: its blocks go
+to the device one at a time (only that block's rows and keys resident), with
+the same kernel calls merged in the same order, so the partial it writes is
+bit-identical to the undivided task's. On CPU the same logic runs against a
+configurable memory budget, and tests can inject out-of-memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from streamcqsa.cqs.blocks import BlockList
+
+
+class DeviceOOM(RuntimeError):
+    """Out of device memory (raised for CUDA OOM, budget overruns and injection)."""
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, DeviceOOM) or isinstance(e, torch.cuda.OutOfMemoryError)
+
+
+def task_bytes(blocks: BlockList, heads: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Device bytes of a whole task: q, k, v, out (compute dtype) + fp32 out/lse."""
+    n = blocks.length
+    return n * head_dim * (itemsize * (2 * heads + 2 * kv_heads) + 4 * heads) + 4 * heads * n
+
+
+def block_bytes(blocks: BlockList, heads: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Device bytes of the largest single block (the divided task's footprint)."""
+    worst = 0
+    for b in blocks.blocks:
+        rows, keys = b.q_stop - b.q_start, b.k_stop - b.k_start
+        worst = max(
+            worst,
+            head_dim * (itemsize * (2 * heads * rows + 2 * kv_heads * keys) + 4 * heads * rows)
+            + 4 * heads * rows,
+        )
+    return worst
+
+
+@dataclass
+class Guardrail:
+    """Shared by the tasks of one process and device."""
+
+    n_cap: int = 2
+    budget_bytes: int | None = None  # CPU: the memory budget to enforce
+    inject: Callable[[str, int], bool] | None = None  # (task, n_cap) -> raise OOM?
+    events: list[dict] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _resident: int = 0
+    _used: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_cap, bool) or not isinstance(self.n_cap, int) or self.n_cap < 1:
+            raise ValueError(f"n_cap must be an int >= 1, got {self.n_cap!r}")
+
+    def run(
+        self,
+        name: str,
+        whole: tuple[int, Callable[[], Any]],
+        divided: tuple[int, Callable[[], Any]],
+    ) -> Any:
+        """Run ``whole`` (bytes, fn); on OOM requeue, shrink n_cap, then divide."""
+        nbytes, fn = whole
+        while True:
+            with self._cond:
+                while self._resident >= self.n_cap:
+                    self._cond.wait()
+                cap = self.n_cap
+                self._resident += 1
+            try:
+                self._reserve(name, nbytes, cap)
+                try:
+                    return fn()
+                finally:
+                    self._release(nbytes)
+            except BaseException as e:
+                if not is_oom(e):
+                    raise
+            finally:
+                with self._cond:
+                    self._resident -= 1
+                    self._cond.notify_all()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            with self._cond:  # evicted: requeue with one task fewer resident
+                if self.n_cap > 1:
+                    self.n_cap -= 1
+                    self.events.append({"task": name, "event": "oom", "n_cap": self.n_cap})
+                    continue
+            self.events.append({"task": name, "event": "divide", "n_cap": 1})
+            return self._run_divided(name, divided)
+
+    def _run_divided(self, name: str, divided: tuple[int, Callable[[], Any]]) -> Any:
+        nbytes, fn = divided
+        with self._cond:
+            while self._resident >= 1:
+                self._cond.wait()
+            self._resident += 1
+        try:
+            try:
+                self._reserve(name, nbytes, 1, divided=True)
+            except DeviceOOM as e:
+                raise DeviceOOM(
+                    f"task {name}: even one block ({nbytes} bytes) does not fit the device "
+                    "budget; run with a larger itr"
+                ) from e
+            try:
+                return fn()
+            finally:
+                self._release(nbytes)
+        finally:
+            with self._cond:
+                self._resident -= 1
+                self._cond.notify_all()
+
+    def _reserve(self, name: str, nbytes: int, cap: int, divided: bool = False) -> None:
+        if self.inject is not None and not divided and self.inject(name, cap):
+            raise DeviceOOM(f"injected out-of-memory in task {name}")
+        with self._cond:
+            if self.budget_bytes is not None and self._used + nbytes > self.budget_bytes:
+                raise DeviceOOM(
+                    f"task {name} needs {nbytes} bytes; {self._used} of "
+                    f"{self.budget_bytes} already in use"
+                )
+            self._used += nbytes
+
+    def _release(self, nbytes: int) -> None:
+        with self._cond:
+            self._used -= nbytes
