@@ -11,6 +11,7 @@ import errno
 import os
 import stat
 import time
+import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from dask.callbacks import Callback
 from streamcqsa.cqs.divide import divide
 from streamcqsa.kernels.backend import get_backend
 from streamcqsa.pipeline.graph import build_graph
+from streamcqsa.pipeline.guardrail import Guardrail
 from streamcqsa.pipeline.steps import Context
 from streamcqsa.storage.layout import INPUTS, Problem
 from streamcqsa.storage.lock import StoreLock
@@ -40,6 +42,15 @@ def clean_orphans(path: Any) -> int:
         f.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def _guard_stats(ctx: Context) -> dict:
+    from streamcqsa.pipeline.steps import _GUARDRAILS
+
+    g = _GUARDRAILS.pop(ctx.run_id, None)  # this process's; workers keep their own
+    if g is None:
+        return {"n_cap": ctx.n_cap, "events": []}
+    return {"n_cap": g.n_cap, "events": list(g.events)}
 
 
 def resolve_device(device: str) -> str:
@@ -206,13 +217,20 @@ def run(
     head_group: int | None = None,
     task_bytes: int = 256 << 20,
     check_inputs: bool = True,
+    n_cap: int = 2,
+    device_memory: int | None = None,
+    inject_oom: Any = None,
 ) -> dict:
     """Exact CQS attention over a run store; writes ``out`` and ``lse``.
 
     Resumes a pass that was interrupted (same plan); refuses a different plan
     over unfinished work unless ``restart``. Returns run statistics, including
     the disk the partials need. ``device="auto"`` uses CUDA when available.
+    ``n_cap`` tasks may be resident on the device at once; the guardrail lowers
+    it on out-of-memory (CUDA OOM, or ``device_memory`` bytes exceeded) and
+    finally runs a task block by block; ``inject_oom(task, n_cap)`` is a test hook.
     """
+    guard = {"n_cap": n_cap, "budget_bytes": device_memory, "inject_oom": inject_oom}
     return _run_pass(
         store_path,
         FWD,
@@ -228,6 +246,7 @@ def run(
         head_group=head_group,
         task_bytes=task_bytes,
         check_inputs=check_inputs,
+        guard=guard,
     )
 
 
@@ -243,6 +262,9 @@ def run_backward(
     progress: bool = True,
     restart: bool = False,
     check_inputs: bool = True,
+    n_cap: int = 2,
+    device_memory: int | None = None,
+    inject_oom: Any = None,
 ) -> dict:
     """Exact dq, dk, dv into the store, from ``dout`` and the stored forward.
 
@@ -279,6 +301,7 @@ def run_backward(
         head_group=plan["head_group"],
         task_bytes=0,
         check_inputs=check_inputs,
+        guard={"n_cap": n_cap, "budget_bytes": device_memory, "inject_oom": inject_oom},
     )
 
 
@@ -330,8 +353,10 @@ def _run_pass(
     task_bytes: int,
     check_inputs: bool,
     dout: Any = None,
+    guard: dict | None = None,
 ) -> dict:
     t0 = time.perf_counter()
+    Guardrail(n_cap=(guard or {}).get("n_cap", 2))  # validates n_cap before any work
     device = resolve_device(device)
     if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
         raise ValueError(f"itr must be a non-negative int, got {itr!r}")
@@ -352,6 +377,7 @@ def _run_pass(
             backend=backend,
             device=device,
             dout=dout,
+            guard=guard or {},
             scheduler=scheduler,
             workers=workers,
             keep_partials=keep_partials,
@@ -373,6 +399,7 @@ def _locked_pass(
     backend: str,
     device: str,
     dout: Any,
+    guard: dict,
     scheduler: Any,
     workers: int,
     keep_partials: bool,
@@ -431,6 +458,8 @@ def _locked_pass(
         backend=backend,
         device=device,
         threads=1 if distributed else None,
+        run_id=uuid.uuid4().hex,
+        **guard,
     )
     if not isinstance(store_path, (str, os.PathLike)):
         ctx._arrays = arrays  # in-memory stores are shared, never reopened
@@ -466,6 +495,7 @@ def _locked_pass(
         "keep_partials": keep_partials,
         "seconds": time.perf_counter() - t0,
         "work_entries": layout.plan.entries * problem.batch * problem.heads,
+        "guardrail": _guard_stats(ctx),
     }
     entry = dict(meta[kind])
     entry.update(status="done", stats=stats)

@@ -1,0 +1,97 @@
+"""The OOM guardrail: n_cap shrinks on OOM, then tasks run block by block;
+either way the stored results are bit-identical."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+from streamcqsa.pipeline import run, run_backward
+from streamcqsa.pipeline.guardrail import DeviceOOM, Guardrail
+from streamcqsa.storage import create_random
+
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    base = tmp_path_factory.mktemp("guard")
+    create_random(
+        base / "src",
+        seq_len=1500,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        dtype="bfloat16",
+        chunk_tokens=128,
+        is_causal=True,
+        seed=7,
+    )
+    ref = base / "ref"
+    shutil.copytree(base / "src", ref)
+    dout = np.random.default_rng(2).standard_normal((1, 4, 1500, 16)).astype(np.float32)
+    import torch
+
+    dout = torch.from_numpy(dout).bfloat16()
+    run(ref, itr=2, progress=False, head_group=1)
+    run_backward(ref, dout, progress=False)
+    return base, ref, dout
+
+
+def _same(a, b):
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    for n in NAMES:
+        assert np.array_equal(ga[n][:], gb[n][:]), n
+
+
+def test_injected_oom_lowers_n_cap_then_divides(stores, tmp_path):
+    base, ref, dout = stores
+    path = tmp_path / "s"
+    shutil.copytree(base / "src", path)
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def inject(task: str, n_cap: int) -> bool:
+        with lock:
+            seen.append((task, n_cap))
+            # the first tasks OOM at every n_cap: first n_cap 3 -> 2 -> 1, then divide
+            return task.startswith(("r.0.0[", "r.3.5["))
+
+    fwd = run(path, itr=2, progress=False, head_group=1, n_cap=3, inject_oom=inject)
+    events = fwd["guardrail"]["events"]
+    assert [e["n_cap"] for e in events if e["event"] == "oom"][:2] == [2, 1]
+    assert fwd["guardrail"]["n_cap"] == 1
+    divided = {e["task"] for e in events if e["event"] == "divide"}
+    assert any(t.startswith("r.0.0[") for t in divided)
+    bwd = run_backward(path, dout, progress=False, n_cap=2, inject_oom=inject)
+    assert any(e["event"] == "divide" for e in bwd["guardrail"]["events"])
+    _same(ref, path)
+
+
+def test_memory_budget_forces_block_by_block(stores, tmp_path):
+    base, ref, dout = stores
+    path = tmp_path / "s"
+    shutil.copytree(base / "src", path)
+    # too small for any whole task, large enough for every single block
+    stats = run(path, itr=2, progress=False, head_group=1, n_cap=2, device_memory=110_000)
+    kinds = {e["event"] for e in stats["guardrail"]["events"]}
+    assert kinds == {"oom", "divide"}
+    run_backward(path, dout, progress=False, device_memory=300_000)
+    _same(ref, path)
+
+
+def test_budget_too_small_for_one_block_is_a_clear_error(stores, tmp_path):
+    base, _, _ = stores
+    path = tmp_path / "s"
+    shutil.copytree(base / "src", path)
+    with pytest.raises(DeviceOOM, match="even one block"):
+        run(path, itr=2, progress=False, head_group=1, device_memory=1000)
+
+
+def test_n_cap_validation():
+    with pytest.raises(ValueError, match="n_cap"):
+        Guardrail(n_cap=0)
