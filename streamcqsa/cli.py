@@ -1,4 +1,4 @@
-"""``streamcqsa`` command line: init, run, backward, status, verify, repair, demo."""
+"""``streamcqsa`` command line: init, run, backward, status, verify, plan, repair, demo."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ def _quorum(text: str) -> int | list[int]:
     if not parts:
         raise argparse.ArgumentTypeError("quorum needs at least one int")
     return parts[0] if len(parts) == 1 else parts
+
+
+def _itr(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
 
 
 def _human(n: float) -> str:
@@ -156,6 +160,51 @@ def cmd_repair(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(float(t))
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from streamcqsa.cqs.budget import Budget, choose
+
+    est = choose(
+        seq_len=a.seq_len,
+        heads=a.heads,
+        kv_heads=a.kv_heads or a.heads,
+        head_dim=a.head_dim,
+        batch=a.batch,
+        dtype=a.dtype,
+        is_causal=a.causal,
+        budget=Budget(_bytes(a.device_memory), _bytes(a.host_memory), a.devices),
+        quorum=a.quorum,
+        throughput=a.throughput,
+        chunk_tokens=a.chunk_tokens,
+    )
+    if a.json:
+        print(json.dumps(est.to_dict(), indent=2))
+        return 0
+    print(
+        f"plan: itr={est.itr} quorum={est.quorum} head_group={est.head_group} "
+        f"n_cap={est.n_cap}; {est.tasks} leaf tasks of <= {est.leaf_tokens} tokens"
+    )
+    print(
+        f"device memory: {_human(est.device_bytes_per_task)} per task, "
+        f"{_human(est.device_bytes)} resident"
+    )
+    print(f"host memory:   {_human(est.host_bytes)}")
+    print(f"disk:          {_human(est.disk_bytes)} (inputs, outputs, all partials kept)")
+    print(f"I/O:           {_human(est.read_bytes)} read, {_human(est.write_bytes)} written")
+    print(
+        f"time:          {est.seconds:.3g} s at {a.throughput:.3g} score entries/s "
+        f"per device ({est.entries:.3g} entries)"
+    )
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """Store pipeline end to end on a small default problem, then verify it."""
     from streamcqsa.cqs.divide import divide
@@ -223,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run (or resume) the forward pass")
     s.add_argument("path")
-    s.add_argument("--itr", type=int, default=3)
+    s.add_argument("--itr", type=_itr, default=3, help="depth, or 'auto' (from budgets)")
     s.add_argument("--quorum", type=_quorum, default=3, help="k, or k1,k2,... per level")
     s.add_argument("--backend", default="auto")
     s.add_argument("--workers", type=int, default=2)
@@ -254,6 +303,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("plan", help="choose itr, head group and n_cap from memory budgets")
+    s.add_argument("--seq-len", type=int, required=True)
+    s.add_argument("--heads", type=int, default=8)
+    s.add_argument("--kv-heads", type=int, default=None)
+    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--causal", action="store_true")
+    s.add_argument("--device-memory", default="80GiB")
+    s.add_argument("--host-memory", default="64GiB")
+    s.add_argument("--devices", type=int, default=1)
+    s.add_argument("--quorum", type=int, default=3)
+    s.add_argument(
+        "--throughput",
+        type=float,
+        default=1e9,
+        help="score entries per second per device (calibrate with the bench)",
+    )
+    s.add_argument("--chunk-tokens", type=int, default=65536)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("repair", help="find corrupt chunks; reset the units that made them")
     s.add_argument("path")

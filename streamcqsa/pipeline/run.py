@@ -44,6 +44,38 @@ def clean_orphans(path: Any) -> int:
     return n
 
 
+def _auto_plan(
+    store_path: Any, device: str, head_group: int | None, guard: dict
+) -> tuple[int, int | None, dict]:
+    """itr, head group and n_cap from the device and host memory budgets."""
+    import psutil
+
+    from streamcqsa.cqs.budget import Budget, choose
+
+    _, p, _ = open_group(store_path)
+    dev_mem = guard.get("budget_bytes")
+    if dev_mem is None:
+        dev_mem = (
+            int(torch.cuda.get_device_properties(device).total_memory * 0.8)
+            if device.startswith("cuda")
+            else 1 << 30
+        )
+    host = int(psutil.virtual_memory().available * 0.5)
+    est = choose(
+        seq_len=p.seq_len,
+        heads=p.heads,
+        kv_heads=p.kv_heads,
+        head_dim=p.head_dim,
+        budget=Budget(dev_mem, host),
+        dtype=p.dtype,
+        is_causal=p.is_causal,
+        batch=p.batch,
+        n_cap=guard.get("n_cap", 2),
+        chunk_tokens=p.chunk_tokens,
+    )
+    return est.itr, head_group or est.head_group, {**guard, "n_cap": est.n_cap}
+
+
 def _guard_stats(ctx: Context) -> dict:
     from streamcqsa.pipeline.steps import _GUARDRAILS
 
@@ -204,7 +236,7 @@ def _reset(arrays: RunArrays) -> None:
 
 def run(
     store_path: Any,
-    itr: int = 3,
+    itr: int | str = 3,
     *,
     quorum: int | Sequence[int] = 3,
     backend: str = "auto",
@@ -358,8 +390,10 @@ def _run_pass(
     t0 = time.perf_counter()
     Guardrail(n_cap=(guard or {}).get("n_cap", 2))  # validates n_cap before any work
     device = resolve_device(device)
+    if itr == "auto":
+        itr, head_group, guard = _auto_plan(store_path, device, head_group, guard or {})
     if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
-        raise ValueError(f"itr must be a non-negative int, got {itr!r}")
+        raise ValueError(f"itr must be a non-negative int or 'auto', got {itr!r}")
     group, problem, meta = open_group(store_path)
     check_writable(store_path)
     get_backend(backend, device)  # fail early on an unknown or unavailable backend

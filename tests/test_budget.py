@@ -1,0 +1,102 @@
+"""The planner: budgets respected, predictions move the right way."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamcqsa import Budget, plan
+from streamcqsa.cqs.budget import estimate
+from streamcqsa.cqs.divide import divide
+
+MIB = 2**20
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seq_len=st.integers(1, 200_000),
+    kv=st.sampled_from([1, 2, 4]),
+    r=st.sampled_from([1, 2, 4]),
+    d=st.sampled_from([32, 64, 128]),
+    dev=st.integers(1, 4096),
+    host=st.integers(256, 8192),
+    causal=st.booleans(),
+    dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
+)
+def test_budgets_are_respected(seq_len, kv, r, d, dev, host, causal, dtype):
+    budget = Budget(dev * MIB, host * MIB)
+    try:
+        est = plan(
+            seq_len=seq_len,
+            heads=kv * r,
+            kv_heads=kv,
+            head_dim=d,
+            budget=budget,
+            dtype=dtype,
+            is_causal=causal,
+            max_itr=4,
+        )
+    except ValueError as e:
+        assert "fits" in str(e)
+        return
+    assert est.device_bytes <= budget.device_memory
+    assert est.host_bytes <= budget.host_memory
+    assert kv % est.head_group == 0 and est.n_cap >= 1
+    useful = seq_len * (seq_len + 1) // 2 if causal else seq_len**2
+    assert est.entries == useful * kv * r
+
+
+def _est(**kw):
+    args = dict(
+        seq_len=1 << 16,
+        heads=8,
+        kv_heads=8,
+        head_dim=64,
+        budget=Budget(256 * MIB, 4096 * MIB),
+        is_causal=True,
+    )
+    args.update(kw)
+    return plan(**args)
+
+
+def test_predictions_move_the_right_way():
+    small, big = _est(seq_len=1 << 15), _est(seq_len=1 << 16)
+    assert big.seconds > small.seconds and big.disk_bytes > small.disk_bytes
+    assert big.read_bytes > small.read_bytes
+    # less device memory: never shallower, never more resident bytes
+    prev = None
+    for mib in (1024, 256, 64, 16):
+        e = _est(budget=Budget(mib * MIB, 4096 * MIB))
+        if prev is not None:
+            assert e.itr >= prev.itr and e.device_bytes <= prev.device_bytes
+        prev = e
+    # heads are split before the sequence: a generous budget keeps every head in one task
+    assert _est(budget=Budget(64 << 30, 64 << 30)).head_group == 8
+    # twice the heads, twice the work
+    assert _est(heads=16, kv_heads=16).entries == 2 * _est().entries
+
+
+def test_estimate_matches_the_plan():
+    p = divide(5000, 2, 3, is_causal=False)
+    e = estimate(
+        p,
+        batch=1,
+        heads=4,
+        kv_heads=2,
+        head_dim=32,
+        dtype="float32",
+        head_group=1,
+        n_cap=2,
+        throughput=1e9,
+        chunk_tokens=128,
+    )
+    assert e.entries == 4 * 5000 * 5000 and e.leaf_tokens == max(t.length for t in p.tasks)
+    assert e.tasks == 2 * len(p.tasks)
+
+
+def test_impossible_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="no plan up to itr=2 fits"):
+        plan(
+            seq_len=1 << 20, heads=8, kv_heads=8, head_dim=64, budget=Budget(1000, 1000), max_itr=2
+        )
