@@ -108,15 +108,45 @@ def _quorum_key(quorum: object) -> int | tuple[int, ...]:
 class Engine:
     """Runs a plan over in-memory tensors; used by the autograd Function."""
 
-    def __init__(self, plan: Plan, backend: Backend, scale: float) -> None:
+    def __init__(
+        self, plan: Plan, backend: Backend, scale: float, head_group: int | None = None
+    ) -> None:
         self.plan = plan
         self.backend = backend
         self.scale = scale
+        self.head_group = head_group
         self.counter = WorkCounter()
+
+    def units(self, q: Tensor, k: Tensor) -> list[tuple[int, slice, slice]]:
+        """(batch, query heads, kv heads) of each unit, as the pipeline splits them.
+
+        Kernel calls then have the same shapes as the pipeline's, which keeps
+        kernels whose internal reduction order depends on B*H bit-identical.
+        """
+        hk = k.shape[1]
+        hg = hk if self.head_group is None else self.head_group
+        r = q.shape[1] // hk
+        return [
+            (b, slice(g * hg * r, (g + 1) * hg * r), slice(g * hg, (g + 1) * hg))
+            for b in range(q.shape[0])
+            for g in range(hk // hg)
+        ]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         dt = self.backend.compute_dtype(q.dtype, q.device)
-        return self._forward_node(self.plan.root, q, k, v, dt)
+        units = self.units(q, k)
+        if len(units) == 1:
+            return self._forward_node(self.plan.root, q, k, v, dt)
+        acc = accumulator_dtype(dt)
+        out = torch.empty(q.shape, dtype=acc, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+        for b, qh, kh in units:
+            o, s = self._forward_node(
+                self.plan.root, q[b : b + 1, qh], k[b : b + 1, kh], v[b : b + 1, kh], dt
+            )
+            out[b : b + 1, qh] = o
+            lse[b : b + 1, qh] = s
+        return out, lse
 
     def _forward_node(self, node: Node, q: Tensor, k: Tensor, v: Tensor, dt: torch.dtype):
         if node.is_leaf:
@@ -142,7 +172,25 @@ class Engine:
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor, lse: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         dt = self.backend.compute_dtype(q.dtype, q.device)
-        return self._backward_node(self.plan.root, (q, k, v, dout, out, lse), dt)
+        units = self.units(q, k)
+        if len(units) == 1:
+            return self._backward_node(self.plan.root, (q, k, v, dout, out, lse), dt)
+        acc = accumulator_dtype(dt)
+        grads = tuple(torch.empty(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+        for b, qh, kh in units:
+            one = (
+                q[b : b + 1, qh],
+                k[b : b + 1, kh],
+                v[b : b + 1, kh],
+                dout[b : b + 1, qh],
+                out[b : b + 1, qh],
+                lse[b : b + 1, qh],
+            )
+            dq, dk, dv = self._backward_node(self.plan.root, one, dt)
+            grads[0][b : b + 1, qh] = dq
+            grads[1][b : b + 1, kh] = dk
+            grads[2][b : b + 1, kh] = dv
+        return grads
 
     def _backward_node(self, node: Node, xs: tuple[Tensor, ...], dt: torch.dtype):
         q, k, v, dout, out, lse = xs
@@ -200,6 +248,7 @@ def attention(
     return_lse: bool = False,
     counter: WorkCounter | None = None,
     allow_nonfinite: bool = False,
+    head_group: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention of q [B,H,L,D] over k, v [B,Hkv,L,D] by CQS division.
 
@@ -208,7 +257,9 @@ def attention(
     divide the sequence; ``itr=0`` is one undivided task. With ``return_lse``
     also returns the natural-log lse (fp32, [B,H,L]). ``counter`` receives the
     score entries computed (forward and backward). NaN/Inf inputs raise a
-    ValueError naming the tokens unless ``allow_nonfinite``.
+    ValueError naming the tokens unless ``allow_nonfinite``. Work runs per
+    batch entry and per ``head_group`` kv heads (default: all), the units the
+    store pipeline uses, so both give the same bits.
     """
     s = validate(q, k, v, scale)
     if not allow_nonfinite:
@@ -218,7 +269,14 @@ def attention(
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     plan = cached_plan(q.shape[2], itr, _quorum_key(quorum), is_causal)
-    engine = Engine(plan, get_backend(backend, q.device), s)
+    if head_group is not None and (
+        isinstance(head_group, bool)
+        or not isinstance(head_group, int)
+        or head_group < 1
+        or k.shape[1] % head_group
+    ):
+        raise ValueError(f"head_group must be a positive divisor of kv heads ({k.shape[1]})")
+    engine = Engine(plan, get_backend(backend, q.device), s, head_group)
     if counter is not None:
         engine.counter = counter
     out, lse = _CQSAttention.apply(q, k, v, engine)

@@ -164,9 +164,12 @@ class _Progress(Callback):
 
 
 @contextmanager
-def _torch_threads(workers: int):
+def _torch_threads(workers: int, n_cap: int):
+    """Each of the n_cap tasks computing at once gets an equal share of the cores;
+    the other workers only read and write, so I/O overlaps compute without
+    oversubscribing torch's threads."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, min(workers, n_cap))))
     try:
         yield
     finally:
@@ -178,6 +181,7 @@ def _execute(
     finals: list,
     units: int,
     *,
+    n_cap: int = 1,
     scheduler: Any,
     workers: int,
     progress: bool,
@@ -197,7 +201,7 @@ def _execute(
         return
     bar = _Progress(units, desc, progress)
     try:
-        with _torch_threads(workers), bar:
+        with _torch_threads(workers, n_cap), bar:
             if scheduler in (None, "threads"):
                 dask.threaded.get(dsk, finals, num_workers=workers)
             elif scheduler in ("sync", "synchronous"):
@@ -249,7 +253,7 @@ def run(
     head_group: int | None = None,
     task_bytes: int = 256 << 20,
     check_inputs: bool = True,
-    n_cap: int = 2,
+    n_cap: int | None = None,
     device_memory: int | None = None,
     inject_oom: Any = None,
 ) -> dict:
@@ -258,7 +262,8 @@ def run(
     Resumes a pass that was interrupted (same plan); refuses a different plan
     over unfinished work unless ``restart``. Returns run statistics, including
     the disk the partials need. ``device="auto"`` uses CUDA when available.
-    ``n_cap`` tasks may be resident on the device at once; the guardrail lowers
+    ``n_cap`` tasks may be resident on the device at once (default 1 on CPU,
+    where one task uses every core, and 2 on a GPU); the guardrail lowers
     it on out-of-memory (CUDA OOM, or ``device_memory`` bytes exceeded) and
     finally runs a task block by block; ``inject_oom(task, n_cap)`` is a test hook.
     """
@@ -294,7 +299,7 @@ def run_backward(
     progress: bool = True,
     restart: bool = False,
     check_inputs: bool = True,
-    n_cap: int = 2,
+    n_cap: int | None = None,
     device_memory: int | None = None,
     inject_oom: Any = None,
 ) -> dict:
@@ -388,8 +393,11 @@ def _run_pass(
     guard: dict | None = None,
 ) -> dict:
     t0 = time.perf_counter()
-    Guardrail(n_cap=(guard or {}).get("n_cap", 2))  # validates n_cap before any work
     device = resolve_device(device)
+    guard = dict(guard or {})
+    if guard.get("n_cap") is None:
+        guard["n_cap"] = 2 if device.startswith("cuda") else 1
+    Guardrail(n_cap=guard["n_cap"])  # validates n_cap before any work
     if itr == "auto":
         itr, head_group, guard = _auto_plan(store_path, device, head_group, guard or {})
     if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
@@ -509,6 +517,7 @@ def _locked_pass(
             progress=progress,
             desc=f"stream-cqsa {'forward' if kind == FWD else 'backward'}",
             gpu=device.startswith("cuda"),
+            n_cap=ctx.n_cap,
         )
     except OSError as e:
         if e.errno != errno.ENOSPC:

@@ -19,6 +19,7 @@ import torch
 import zarr
 
 from streamcqsa.cqs.divide import Node, Plan
+from streamcqsa.storage import chunkio
 from streamcqsa.storage.integrity import checked_read
 from streamcqsa.storage.layout import GRADS, Problem, stored_dtype, to_stored, to_torch
 from streamcqsa.storage.store import array_kwargs
@@ -210,7 +211,7 @@ class RunArrays:
     def read_rows(self, node: tuple[int, ...], name: str, b: int, g: int, a: int, z: int):
         """Rows [a, z) of a node's partial ``name`` (node-local), as fp32 torch."""
         arr, off = self._where(node, name)
-        data = checked_read(arr, (slice(b, b + 1), self.heads(name, g), slice(off + a, off + z)))
+        data = chunkio.read(arr, (slice(b, b + 1), self.heads(name, g), slice(off + a, off + z)))
         return torch.from_numpy(np.ascontiguousarray(data))
 
     def write_rows(
@@ -231,7 +232,9 @@ class RunArrays:
                 width[2] = (0, pad)
                 data = np.pad(data, width)
                 rows += pad
-        arr[b : b + 1, self.heads(name, g), off + a : off + a + rows] = data
+        chunkio.write(
+            arr, (slice(b, b + 1), self.heads(name, g), slice(off + a, off + a + rows)), data
+        )
 
     def delete_node(self, node: tuple[int, ...], b: int, g: int) -> None:
         """Drop a node's partial chunks for one (batch, head group)."""
@@ -253,9 +256,7 @@ def read_runs(
 ) -> torch.Tensor:
     """Gather token runs of an input/output array into one torch tensor."""
     arr = arrays.array(name)
-    parts = [
-        np.asarray(checked_read(arr, (slice(b, b + 1), heads, slice(a, a + n)))) for a, n in runs
-    ]
+    parts = [chunkio.read(arr, (slice(b, b + 1), heads, slice(a, a + n))) for a, n in runs]
     data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
     if name == "lse":
         return torch.from_numpy(np.ascontiguousarray(data))
