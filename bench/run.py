@@ -182,9 +182,11 @@ def markdown(meta: dict, eng: list[dict], pipe: list[dict]) -> str:
         )
     lines += [
         "",
-        "The pipeline time includes the input fingerprint check (one read of q, k, v), "
-        "reading every task's runs from the store, writing and merging partials, and "
-        "writing out/lse.",
+        "The pipeline time includes the input fingerprint check (chunk checksums), "
+        "reading every task's runs from the store, writing and merging fp32 partials at "
+        "every depth, and writing out/lse. Peak MiB is resident-memory growth sampled "
+        "every 5 ms above the process's state before the call; the allocator reuses "
+        "freed memory, so small figures mean 'no new memory', not 'no memory'.",
         "",
     ]
     return "\n".join(lines)

@@ -90,7 +90,7 @@ class Problem:
 def default_chunk_tokens(seq_len: int) -> int:
     """Store chunk along L: small enough that a task's runs read little beyond
     what they need, large enough that a billion tokens stay ~15k chunks/head."""
-    c = 512
+    c = 2048
     while c < 65536 and c * 512 < seq_len:
         c *= 2
     return c
