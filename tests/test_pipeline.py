@@ -79,6 +79,9 @@ def test_rerun_is_a_no_op_and_resumes(tmp_path):
     before = _load(path, "out", "float32").clone()
     again = run(path, itr=2, progress=False)
     assert again["units_run"] == 0 and again["units_skipped"] == first["units_run"]
+    stages = first["stages"]
+    assert {"read", "compute", "write", "merge"} <= set(stages)
+    assert 0 < stages["device_busy_fraction"] <= 1
     assert torch.equal(_load(path, "out", "float32"), before)
 
 

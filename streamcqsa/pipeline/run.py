@@ -507,6 +507,7 @@ def _locked_pass(
         ctx._arrays = arrays  # in-memory stores are shared, never reopened
     skip = set(np.flatnonzero(done).tolist())
     dsk, finals, units = build_graph(ctx, keep_partials=keep_partials, skip=skip)
+    t_exec = time.perf_counter()
     try:
         _execute(
             dsk,
@@ -539,6 +540,8 @@ def _locked_pass(
         "seconds": time.perf_counter() - t0,
         "work_entries": layout.plan.entries * problem.batch * problem.heads,
         "guardrail": _guard_stats(ctx),
+        # this process's tasks (a distributed run's workers time their own)
+        "stages": ctx.stages.summary(time.perf_counter() - t_exec),
     }
     entry = dict(meta[kind])
     entry.update(status="done", stats=stats)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,27 @@ from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_na
 from streamcqsa.storage.store import open_group
 
 
+class StageTimes:
+    """Seconds spent per stage, summed over the tasks of this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+        self.tasks = 0
+
+    def add(self, **stages: float) -> None:
+        with self._lock:
+            for k, v in stages.items():
+                self.seconds[k] = self.seconds.get(k, 0.0) + v
+
+    def summary(self, wall: float) -> dict:
+        out = {k: round(v, 4) for k, v in sorted(self.seconds.items())}
+        out["device_busy_fraction"] = (
+            round(self.seconds.get("compute", 0.0) / wall, 4) if wall else 0
+        )
+        return out
+
+
 @dataclass
 class Context:
     """What every step needs; picklable (the store is reopened per process)."""
@@ -41,12 +63,14 @@ class Context:
     budget_bytes: int | None = None  # device memory budget the guardrail enforces
     inject_oom: Any = None  # test hook: (task name, n_cap) -> bool
     run_id: str = ""
+    stages: StageTimes = field(default_factory=lambda: StageTimes())
     counter: WorkCounter = field(default_factory=WorkCounter)
     _arrays: RunArrays | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_arrays"] = None
+        state["stages"] = StageTimes()  # workers keep their own
         return state
 
     @property
@@ -85,7 +109,9 @@ def run_unit(ctx: Context, unit: Unit, *_deps: Any) -> int:
     if unit.kind == "leaf":
         (_leaf_forward if ctx.kind == FWD else _leaf_backward)(ctx, unit)
     else:
+        t0 = time.perf_counter()
         _merge_piece(ctx, unit)
+        ctx.stages.add(merge=time.perf_counter() - t0)
     arrays.mark(unit)
     return 1
 
@@ -128,9 +154,11 @@ def _leaf_forward(ctx: Context, unit: Unit) -> None:
     node = lay.plan.by_path[unit.node]
     be = get_backend(ctx.backend, _device(ctx))
     dt = be.compute_dtype(_dtype(p), _device(ctx))
+    t0 = time.perf_counter()
     q = read_runs(arrays, "q", unit.b, lay.q_heads(unit.g), node.runs, p).to(dtype=dt)
     k = read_runs(arrays, "k", unit.b, lay.kv_heads(unit.g), node.runs, p).to(dtype=dt)
     v = read_runs(arrays, "v", unit.b, lay.kv_heads(unit.g), node.runs, p).to(dtype=dt)
+    t1 = time.perf_counter()
 
     def fn(q, k, v, block_device=None):  # noqa: ANN001, ANN202
         out, lse = task_forward(
@@ -146,8 +174,10 @@ def _leaf_forward(ctx: Context, unit: Unit) -> None:
         return out.cpu(), lse.cpu()
 
     out, lse = _guarded(ctx, unit, fn, [q, k, v], [], dt)
+    t2 = time.perf_counter()
     arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out)
     arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse)
+    ctx.stages.add(read=t1 - t0, compute=t2 - t1, write=time.perf_counter() - t2)
 
 
 def _leaf_backward(ctx: Context, unit: Unit) -> None:
@@ -157,6 +187,7 @@ def _leaf_backward(ctx: Context, unit: Unit) -> None:
     be = get_backend(ctx.backend, _device(ctx))
     dt = be.compute_dtype(_dtype(p), _device(ctx))
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
+    t0 = time.perf_counter()
     xs = {
         name: read_runs(arrays, name, unit.b, kh if name in ("k", "v") else qh, node.runs, p)
         for name in ("q", "k", "v", "dout", "out", "lse")
@@ -179,9 +210,12 @@ def _leaf_backward(ctx: Context, unit: Unit) -> None:
         return tuple(g.cpu() for g in grads)
 
     tensors = [xs[n].to(dtype=dt) for n in ("q", "k", "v", "dout", "out")] + [xs["lse"]]
+    t1 = time.perf_counter()
     dq, dk, dv = _guarded(ctx, unit, fn, tensors, [], dt)
+    t2 = time.perf_counter()
     for name, t in zip(("dq", "dk", "dv"), (dq, dk, dv), strict=True):
         arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)
+    ctx.stages.add(read=t1 - t0, compute=t2 - t1, write=time.perf_counter() - t2)
 
 
 def _dtype(p: Any) -> torch.dtype:
