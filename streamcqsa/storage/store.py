@@ -126,14 +126,6 @@ def _init_group(path: Any, problem: Problem) -> zarr.Group:
     return group
 
 
-def _token_chunks(problem: Problem) -> Iterator[tuple[int, int, int, int]]:
-    """(b, h, start, stop) of every input chunk, for q's heads; k/v use fewer."""
-    c = problem.chunk_tokens
-    for b in range(problem.batch):
-        for a in range(0, problem.seq_len, c):
-            yield b, 0, a, min(a + c, problem.seq_len)
-
-
 def _as_source(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
