@@ -100,3 +100,15 @@ def test_impossible_budget_is_a_clear_error():
         plan(
             seq_len=1 << 20, heads=8, kv_heads=8, head_dim=64, budget=Budget(1000, 1000), max_itr=2
         )
+
+
+def test_run_itr_auto_fits_the_budget_without_oom(tmp_path):
+    from streamcqsa.pipeline import run, verify
+    from streamcqsa.storage import create_random
+
+    path = tmp_path / "s"
+    create_random(path, seq_len=8192, heads=8, head_dim=64, dtype="float16", is_causal=True)
+    stats = run(path, itr="auto", device_memory=8 << 20, progress=False)
+    assert stats["plan"]["itr"] >= 1  # the whole problem does not fit 8 MiB
+    assert stats["guardrail"]["events"] == []  # the planned tasks never hit the budget
+    assert verify(path, rows=16)["ok"]

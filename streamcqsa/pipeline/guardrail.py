@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from streamcqsa.cqs.blocks import BlockList
+from streamcqsa.cqs.budget import leaf_device_bytes
 
 
 class DeviceOOM(RuntimeError):
@@ -29,9 +30,8 @@ def is_oom(e: BaseException) -> bool:
 
 
 def task_bytes(blocks: BlockList, heads: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """Device bytes of a whole task: q, k, v, out (compute dtype) + fp32 out/lse."""
-    n = blocks.length
-    return n * head_dim * (itemsize * (2 * heads + 2 * kv_heads) + 4 * heads) + 4 * heads * n
+    """Device bytes of a whole task (the planner's per-task figure)."""
+    return leaf_device_bytes(blocks.length, heads, kv_heads, head_dim, itemsize)
 
 
 def block_bytes(blocks: BlockList, heads: int, kv_heads: int, head_dim: int, itemsize: int) -> int:

@@ -67,7 +67,8 @@ def _auto_plan(
         kv_heads=p.kv_heads,
         head_dim=p.head_dim,
         budget=Budget(dev_mem, host),
-        dtype=p.dtype,
+        # CPU kernels compute half types in fp32: size the tasks for that
+        dtype=p.dtype if device.startswith("cuda") else "float32",
         is_causal=p.is_causal,
         batch=p.batch,
         n_cap=guard.get("n_cap", 2),
