@@ -36,6 +36,15 @@ class StageTimes:
         self.seconds: dict[str, float] = {}
         self.tasks = 0
 
+    def __getstate__(self) -> dict:  # each process times its own tasks
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def __dask_tokenize__(self) -> str:
+        return "stream-cqsa-stage-times"
+
     def add(self, **stages: float) -> None:
         with self._lock:
             for k, v in stages.items():
