@@ -249,3 +249,15 @@ def test_fuzz_store_creation(tmp_path_factory, shape_q, hk, dlk, dtype, causal, 
         return
     run(path, itr=1, progress=False)
     assert verify(path, rows=8)["ok"]
+
+
+def test_nonfinite_dout_is_refused(tmp_path):
+    path = tmp_path / "s"
+    _small(path, seq_len=300)
+    run(path, itr=1, progress=False)
+    dout = np.random.default_rng(0).standard_normal((1, 4, 300, 16)).astype(np.float32)
+    dout[0, 2, 250, 1] = np.nan
+    with pytest.raises(ValueError, match=r"dout has NaN/Inf .*\[250, 250\].*not stored"):
+        run_backward(path, dout, progress=False)
+    with pytest.raises(StoreError, match="no complete dout"):
+        run_backward(path, progress=False)

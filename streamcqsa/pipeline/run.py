@@ -355,23 +355,24 @@ def _check_dout(problem: Problem, dout: Any) -> None:
 
 def _write_dout(group: Any, problem: Problem, dout: Any) -> None:
     from streamcqsa.storage.layout import stored_dtype
-    from streamcqsa.storage.store import _stored_block, array_kwargs
+    from streamcqsa.storage.store import array_kwargs, write_chunked
 
     if isinstance(dout, torch.Tensor):
         dout = dout.detach().cpu()
     _check_dout(problem, dout)
-    c = problem.chunk_tokens
     arr = group.create_array(
         "dout",
         shape=(problem.batch, problem.heads, problem.seq_len, problem.head_dim),
-        **array_kwargs(stored_dtype(problem.dtype), (1, 1, c, problem.head_dim)),
+        **array_kwargs(stored_dtype(problem.dtype), (1, 1, problem.chunk_tokens, problem.head_dim)),
     )
-    for b in range(problem.batch):
-        for a in range(0, problem.seq_len, c):
-            block = dout[b : b + 1, :, a : a + c, :]
-            if hasattr(block, "compute"):
-                block = block.compute()
-            arr[b : b + 1, :, a : a + c, :] = _stored_block(block, problem.dtype)
+    write_chunked(
+        arr,
+        "dout",
+        dout,
+        problem,
+        check_finite=True,
+        note="; dout is not stored and the previous backward is void",
+    )
 
 
 def _run_pass(

@@ -169,18 +169,14 @@ def create(
     try:
         group = _init_group(path, problem)
         for name, x in zip(INPUTS, srcs, strict=True):
-            arr = group[name]
-            c = problem.chunk_tokens
-            for b in range(problem.batch):
-                for a in range(0, problem.seq_len, c):
-                    z = min(a + c, problem.seq_len)
-                    block = x[b : b + 1, :, a:z, :]
-                    if hasattr(block, "compute"):
-                        block = block.compute()
-                    data = _stored_block(block, problem.dtype)
-                    if not allow_nonfinite:
-                        _check_finite(name, b, a, data, problem.dtype)
-                    arr[b : b + 1, :, a:z, :] = data
+            write_chunked(
+                group[name],
+                name,
+                x,
+                problem,
+                check_finite=not allow_nonfinite,
+                note="; nothing was written",
+            )
         _finish_inputs(group, problem)
     except BaseException:
         _remove(path)
@@ -188,14 +184,32 @@ def create(
     return path
 
 
-def _check_finite(name: str, b: int, start: int, data: np.ndarray, dtype: str) -> None:
+def write_chunked(
+    arr: Any, name: str, src: Any, problem: Problem, *, check_finite: bool, note: str = ""
+) -> None:
+    """Copy src [B,H,L,D] (numpy, torch or dask) into arr one store chunk row at a
+    time, so nothing larger than a chunk row is ever in memory."""
+    c = problem.chunk_tokens
+    for b in range(problem.batch):
+        for a in range(0, problem.seq_len, c):
+            z = min(a + c, problem.seq_len)
+            block = src[b : b + 1, :, a:z, :]
+            if hasattr(block, "compute"):
+                block = block.compute()
+            data = _stored_block(block, problem.dtype)
+            if check_finite:
+                _check_finite(name, b, a, data, problem.dtype, note)
+            arr[b : b + 1, :, a:z, :] = data
+
+
+def _check_finite(name: str, b: int, start: int, data: np.ndarray, dtype: str, note: str) -> None:
     from streamcqsa.attention import check_finite
     from streamcqsa.storage.layout import to_torch
 
     try:
         check_finite(name, to_torch(data, dtype), offset=start)
     except ValueError as e:
-        raise ValueError(f"{e} (batch {b}); nothing was written") from None
+        raise ValueError(f"{e} (batch {b}){note}") from None
 
 
 def _stored_block(block: Any, dtype: str) -> np.ndarray:
