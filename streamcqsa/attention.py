@@ -17,10 +17,10 @@ from torch import Tensor
 
 from streamcqsa.cqs.divide import Node, Plan, divide
 from streamcqsa.kernels.backend import Backend, get_backend
-from streamcqsa.kernels.fold import fold, gather_runs, merge_combine, sum_partials
 from streamcqsa.kernels.runner import WorkCounter, accumulator_dtype
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
+from streamcqsa.kernels.tree import backward_tree, forward_tree
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -151,24 +151,12 @@ class Engine:
         return out, lse
 
     def _forward_node(self, node: Node, q: Tensor, k: Tensor, v: Tensor, dt: torch.dtype):
-        if node.is_leaf:
-            runs = node.runs
-            return task_forward(
-                gather_runs(q, runs, dt),
-                gather_runs(k, runs, dt),
-                gather_runs(v, runs, dt),
-                node.blocks,
-                scale=self.scale,
-                backend=self.backend,
-                counter=self.counter,
-            )
-        parts = {c: self._forward_node(self.plan.by_path[c], q, k, v, dt) for c in node.children}
-        shape = (*q.shape[:2], node.length, q.shape[3])
-        acc = (
-            torch.empty(shape, dtype=accumulator_dtype(dt), device=q.device),
-            torch.empty(shape[:-1], dtype=accumulator_dtype(dt), device=q.device),
+        return forward_tree(self.plan, node, (q, k, v), self._leaf_forward, dt)
+
+    def _leaf_forward(self, node: Node, q: Tensor, k: Tensor, v: Tensor):
+        return task_forward(
+            q, k, v, node.blocks, scale=self.scale, backend=self.backend, counter=self.counter
         )
-        return fold(self.plan.merge_sources(node), parts, acc, merge_combine, (0.0, -math.inf))
 
     def backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor, lse: Tensor
@@ -195,28 +183,12 @@ class Engine:
         return grads
 
     def _backward_node(self, node: Node, xs: tuple[Tensor, ...], dt: torch.dtype):
-        q, k, v, dout, out, lse = xs
-        if node.is_leaf:
-            r = node.runs
-            return task_backward(
-                gather_runs(q, r, dt),
-                gather_runs(k, r, dt),
-                gather_runs(v, r, dt),
-                gather_runs(dout, r, dt),
-                gather_runs(out, r, dt),
-                gather_runs(lse, r),
-                node.blocks,
-                scale=self.scale,
-                backend=self.backend,
-                counter=self.counter,
-            )
-        parts = {c: self._backward_node(self.plan.by_path[c], xs, dt) for c in node.children}
-        n = node.length
-        acc = tuple(
-            torch.empty((*t.shape[:2], n, t.shape[3]), dtype=accumulator_dtype(dt), device=t.device)
-            for t in (q, k, v)
+        return backward_tree(self.plan, node, xs, self._leaf_backward, dt)
+
+    def _leaf_backward(self, node: Node, *xs: Tensor):
+        return task_backward(
+            *xs, node.blocks, scale=self.scale, backend=self.backend, counter=self.counter
         )
-        return fold(self.plan.merge_sources(node), parts, acc, sum_partials, (0.0, 0.0, 0.0))
 
 
 class _CQSAttention(torch.autograd.Function):

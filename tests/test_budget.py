@@ -112,3 +112,43 @@ def test_run_itr_auto_fits_the_budget_without_oom(tmp_path):
     assert stats["plan"]["itr"] >= 1  # the whole problem does not fit 8 MiB
     assert stats["guardrail"]["events"] == []  # the planned tasks never hit the budget
     assert verify(path, rows=16)["ok"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seq_len=st.integers(1, 20_000),
+    itr=st.integers(0, 3),
+    kv=st.sampled_from([1, 2, 4, 6]),
+    r=st.sampled_from([1, 2]),
+    budget=st.integers(10_000, 400 * MIB),
+    kind=st.sampled_from(["fwd", "bwd"]),
+)
+def test_unit_choice_fits_the_host_budget(seq_len, itr, kv, r, budget, kind):
+    """choose_units takes the shallowest stored level that fits; a tighter
+    budget never makes units shallower, and the leaves are the floor."""
+    from streamcqsa.cqs.budget import unit_host_bytes
+    from streamcqsa.pipeline.run import choose_units
+    from streamcqsa.storage.layout import Problem
+
+    problem = Problem(
+        batch=1,
+        heads=kv * r,
+        kv_heads=kv,
+        seq_len=seq_len,
+        head_dim=32,
+        dtype="float32",
+        is_causal=False,
+        scale=32**-0.5,
+        chunk_tokens=512,
+    )
+    p = divide(seq_len, itr, 3)
+    depth, hg = choose_units(p, problem, None, budget, kind)
+    assert 0 <= depth <= itr and kv % hg == 0
+    units = [n for n in p.nodes if n.depth == depth or (n.is_leaf and n.depth < depth)]
+    need = max(
+        unit_host_bytes(p, n, group_ratio=r, head_group=hg, head_dim=32, kind=kind) for n in units
+    )
+    if depth < itr:
+        assert need <= budget
+    tighter, _ = choose_units(p, problem, None, budget // 3, kind)
+    assert tighter >= depth

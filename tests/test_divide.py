@@ -229,6 +229,46 @@ def test_random_plan_covers_each_pair_once(args: tuple[int, int, object, bool, i
     check_plan(plan)
 
 
+def _positions(runs) -> np.ndarray:
+    return np.concatenate([np.arange(a, a + n) for a, n in runs]) if runs else np.array([], int)
+
+
+@settings(max_examples=60, deadline=None)
+@given(plans())
+def test_local_runs_gather_the_same_tokens(args: tuple[int, int, object, bool, int]) -> None:
+    """A unit gathers an ancestor's tokens once; each descendant's local runs
+    into that buffer must pick exactly the descendant's global tokens."""
+    L, itr, quorum, causal, tile = args
+    plan = divide(L, itr, quorum, is_causal=causal, tile=tile)
+    for node in plan.nodes:
+        want = _positions(node.runs)
+        for d in range(node.depth + 1):
+            base = plan.by_path[node.path[:d]]
+            buf = _positions(base.runs)
+            got = buf[_positions(plan.local_runs(node, base))]
+            assert np.array_equal(got, want), (node.name, base.name)
+    if len(plan.nodes) > 1:
+        leaf, other = plan.tasks[0], plan.nodes[-2]
+        if other.path[: leaf.depth] != leaf.path and leaf.path[: other.depth] != other.path:
+            with pytest.raises(ValueError, match="not an ancestor"):
+                plan.local_runs(other, leaf)
+
+
+@settings(max_examples=40, deadline=None)
+@given(plans())
+def test_fold_rows_bounds(args: tuple[int, int, object, bool, int]) -> None:
+    """The in-memory fold's peak holds at least the node and at most every
+    node of its subtree at once."""
+    L, itr, quorum, causal, tile = args
+    plan = divide(L, itr, quorum, is_causal=causal, tile=tile)
+    for node in plan.nodes:
+        subtree = sum(n.length for n in plan.nodes if n.path[: node.depth] == node.path)
+        assert node.length <= plan.fold_rows(node) <= subtree
+        if not node.is_leaf:
+            kids = sum(plan.by_path[c].length for c in node.children)
+            assert plan.fold_rows(node) >= kids + node.length
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
     ("L", "itr", "quorum"),

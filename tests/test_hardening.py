@@ -49,9 +49,10 @@ def _flip(path: str) -> None:
 
 
 def _full_run(path):
-    run(path, itr=2, progress=False, head_group=1)
+    # every forward partial stored; backward units are depth-1 subtrees
+    run(path, itr=2, progress=False, head_group=1, unit_depth=None)
     dout = np.random.default_rng(0).standard_normal((1, 4, 700, 16)).astype(np.float32)
-    run_backward(path, dout, progress=False)
+    run_backward(path, dout, progress=False, unit_depth=1)
 
 
 def test_flipped_byte_is_named_and_repaired(tmp_path):
@@ -73,8 +74,8 @@ def test_flipped_byte_is_named_and_repaired(tmp_path):
     assert {name for name, _ in report["bwd"]} == {"partials/bwd/d1/dk"}
     total = zarr.open_group(bad)["progress/fwd"].shape[0]
     assert 0 < report["fwd_units_reset"] < total / 2  # only the affected units
-    s1 = run(bad, itr=2, progress=False, head_group=1)
-    s2 = run_backward(bad, progress=False)
+    s1 = run(bad, itr=2, progress=False, head_group=1, unit_depth=None)
+    s2 = run_backward(bad, progress=False, unit_depth=1)
     assert s1["units_run"] == report["fwd_units_reset"]
     assert s2["units_run"] == report["bwd_units_reset"]
     gr, gb = zarr.open_group(ref, mode="r"), zarr.open_group(bad, mode="r")
@@ -108,13 +109,13 @@ def test_disk_full_stops_cleanly_and_resumes(tmp_path, limit):
     ref, path = tmp_path / "ref", tmp_path / "s"
     for p in (ref, path):
         _small(p, seq_len=900, heads=2, kv_heads=2)
-    run(ref, itr=2, progress=False)
+    run(ref, itr=2, progress=False, unit_depth=None)
     _DiskFull.writes, _DiskFull.limit = 0, limit
     store = _DiskFull(LocalStore(path))
     with pytest.raises(StoreError, match="disk full.*run again to resume"):
-        run(store, itr=2, progress=False)
+        run(store, itr=2, progress=False, unit_depth=None)
     _DiskFull.limit = 10**9
-    stats = run(store, itr=2, progress=False)
+    stats = run(store, itr=2, progress=False, unit_depth=None)
     assert stats["units_skipped"] > 0 or limit < 10
     for name in ("out", "lse"):
         assert np.array_equal(zarr.open_group(ref)[name][:], zarr.open_group(path)[name][:])

@@ -39,8 +39,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("unit_depth", [None, 1, 0])
 @pytest.mark.parametrize(("dtype", "causal", "itr"), CASES)
-def test_store_equals_engine_bit_for_bit(tmp_path, dtype, causal, itr):
+def test_store_equals_engine_bit_for_bit(tmp_path, dtype, causal, itr, unit_depth):
+    """Every leaf stored (None), subtrees below depth 1 run in memory, or the
+    whole tree per (batch, head group): the same bits as the engine."""
     q, k, v = _inputs(dtype)
     name = str(dtype).removeprefix("torch.")
     qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
@@ -52,11 +55,12 @@ def test_store_equals_engine_bit_for_bit(tmp_path, dtype, causal, itr):
 
     path = tmp_path / "s"
     create(path, q, k, v, is_causal=causal, chunk_tokens=64)
-    stats = run(path, itr=itr, progress=False, head_group=1)
+    stats = run(path, itr=itr, progress=False, head_group=1, unit_depth=unit_depth)
     assert stats["units_run"] > 0
+    assert stats["plan"]["unit_depth"] == (itr if unit_depth is None else min(unit_depth, itr))
     assert torch.equal(_load(path, "out", name), out)
     assert np.array_equal(_load(path, "lse", name), lse.numpy())
-    run_backward(path, dout, progress=False)
+    run_backward(path, dout, progress=False, unit_depth=unit_depth)
     for gname, g in zip(("dq", "dk", "dv"), grads, strict=True):
         assert torch.equal(_load(path, gname, name), g), gname
 
@@ -75,12 +79,12 @@ def test_store_equals_engine_bit_for_bit(tmp_path, dtype, causal, itr):
 def test_rerun_is_a_no_op_and_resumes(tmp_path):
     path = tmp_path / "s"
     create_random(path, seq_len=700, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
-    first = run(path, itr=2, progress=False)
+    first = run(path, itr=2, progress=False, unit_depth=1)
     before = _load(path, "out", "float32").clone()
-    again = run(path, itr=2, progress=False)
+    again = run(path, itr=2, progress=False, unit_depth=1)
     assert again["units_run"] == 0 and again["units_skipped"] == first["units_run"]
     stages = first["stages"]
-    assert {"read", "compute", "write", "merge"} <= set(stages)
+    assert {"read", "compute", "fold", "write", "merge"} <= set(stages)
     assert 0 < stages["device_busy_fraction"] <= 1
     assert torch.equal(_load(path, "out", "float32"), before)
 
@@ -89,8 +93,8 @@ def test_keep_partials_false_deletes_partials(tmp_path):
     kept, dropped = tmp_path / "a", tmp_path / "b"
     for p in (kept, dropped):
         create_random(p, seq_len=900, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
-    s1 = run(kept, itr=2, progress=False)
-    s2 = run(dropped, itr=2, progress=False, keep_partials=False)
+    s1 = run(kept, itr=2, progress=False, unit_depth=None)
+    s2 = run(dropped, itr=2, progress=False, keep_partials=False, unit_depth=None)
     assert s1["partial_disk_bytes"] == s2["partial_disk_bytes"] > 0
 
     def chunks(p):
@@ -106,11 +110,11 @@ def test_run_object_for_notebooks(tmp_path):
     create_random(path, seq_len=600, heads=2, head_dim=16, dtype="bfloat16", chunk_tokens=64)
     r = open_run(path)
     assert r.status()["fwd"] == "not started"
-    run(path, itr=2, progress=False)
+    run(path, itr=2, progress=False, unit_depth=None)  # keep every leaf's partial
     r = open_run(path)
     tasks = r.tasks()
     assert tasks and all(t.done for t in tasks)
-    leaf = next(t for t in tasks if t.kind == "leaf")
+    leaf = next(t for t in tasks if t.kind == "task")
     part = r.partial(leaf)
     assert part.out.shape == (2, leaf.tokens, 16) and part.positions.shape == (leaf.tokens,)
     assert np.all(np.diff(part.positions) > 0) and np.isfinite(part.lse).all()
@@ -118,6 +122,26 @@ def test_run_object_for_notebooks(tmp_path):
     assert "progress" in r._repr_html_()
     root = r.partial(tasks[-1])
     np.testing.assert_array_equal(root.lse, np.asarray(zarr.open_group(path)["lse"][0]))
+
+
+def test_auto_units_store_less_and_say_where_partials_are(tmp_path):
+    path = tmp_path / "s"
+    create_random(path, seq_len=600, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    stats = run(path, itr=2, progress=False)  # small problem: one unit per (b, g)
+    assert stats["plan"]["unit_depth"] == 0 and stats["partial_disk_bytes"] == 0
+    assert "merge" not in stats["stages"]
+    r = open_run(path)
+    kinds = {t.kind for t in r.tasks()}
+    assert kinds == {"task", "in-task"} and all(t.done for t in r.tasks())
+    inner = next(t for t in r.tasks() if t.kind == "in-task")
+    with pytest.raises(ValueError, match="unit_depth=2"):
+        r.partial(inner)
+    # a tight host budget pushes units deeper, never past the leaves
+    tight = tmp_path / "t"
+    create_random(tight, seq_len=600, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    s2 = run(tight, itr=2, progress=False, task_bytes=60_000)
+    assert s2["plan"]["unit_depth"] >= 1 and s2["plan"]["head_group"] == 1
+    assert torch.equal(_load(tight, "out", "float32"), _load(path, "out", "float32"))
 
 
 def test_verify_65536_tokens(tmp_path):

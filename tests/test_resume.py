@@ -52,9 +52,11 @@ SHAPE = dict(seq_len=2048, heads=4, kv_heads=2, head_dim=32, is_causal=True, chu
 FWD_ARRAYS = ("out", "lse")
 BWD_ARRAYS = ("dq", "dk", "dv")
 
-# (dtype, keep_partials): the bf16 case also covers deleting partials as
-# parents finish, so a kill can land between a node's merge and that cleanup.
-CASES = [("float32", True), ("bfloat16", False)]
+# (dtype, keep_partials, unit_depth): fp32 stores every leaf's partial; the
+# bf16 case runs depth-1 subtrees as units (in-memory folds, then stored
+# merges) and deletes partials as parents finish, so a kill can also land
+# between a node's merge and that cleanup.
+CASES = [("float32", True, None), ("bfloat16", False, 1)]
 
 
 def _load_script():
@@ -68,6 +70,7 @@ def _load_script():
 class Reference:
     dtype: str
     keep_partials: bool
+    unit_depth: int | None
     base: Path  # freshly created store, never run
     fwd_base: Path  # the reference store right after its forward (backward not run)
     ref: Path  # forward and backward run uninterrupted
@@ -77,28 +80,28 @@ class Reference:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{d}-keep{k}" for d, k in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{d}-keep{k}-u{u}" for d, k, u in CASES])
 def reference(request, tmp_path_factory) -> Reference:
-    dtype, keep = request.param
+    dtype, keep, depth = request.param
     root = tmp_path_factory.mktemp(f"resume-{dtype}")
     base, ref, fwd_base = root / "base.zarr", root / "ref.zarr", root / "fwd_base.zarr"
     create_random(base, dtype=dtype, seed=7, **SHAPE)
     shutil.copytree(base, ref)
-    r = Reference(dtype, keep, base, fwd_base, ref)
+    r = Reference(dtype, keep, depth, base, fwd_base, ref)
 
-    stats = run(ref, itr=ITR, keep_partials=keep, progress=False)
+    stats = run(ref, itr=ITR, keep_partials=keep, progress=False, unit_depth=depth)
     assert stats["units_skipped"] == 0
     r.t_full["fwd"] = stats["seconds"]
-    stats = run(ref, itr=ITR, keep_partials=keep, progress=False)
+    stats = run(ref, itr=ITR, keep_partials=keep, progress=False, unit_depth=depth)
     assert stats["units_run"] == 0, "rerunning a finished forward must do nothing"
     r.t_fixed["fwd"] = stats["seconds"]
     shutil.copytree(ref, fwd_base)
 
     dout = _load_script().make_dout(open_run(ref).problem, DOUT_SEED)
-    stats = run_backward(ref, dout, keep_partials=keep, progress=False)
+    stats = run_backward(ref, dout, keep_partials=keep, progress=False, unit_depth=depth)
     assert stats["units_skipped"] == 0
     r.t_full["bwd"] = stats["seconds"]
-    stats = run_backward(ref, keep_partials=keep, progress=False)
+    stats = run_backward(ref, keep_partials=keep, progress=False, unit_depth=depth)
     assert stats["units_run"] == 0, "rerunning a finished backward must do nothing"
     r.t_fixed["bwd"] = stats["seconds"]
 
@@ -113,10 +116,10 @@ def reference(request, tmp_path_factory) -> Reference:
     return r
 
 
-def _command(path: Path, kind: str, keep: bool) -> list[str]:
+def _command(path: Path, kind: str, r: Reference) -> list[str]:
     cmd = [sys.executable, str(SCRIPT), str(path), kind, "--itr", str(ITR)]
-    cmd += ["--dout-seed", str(DOUT_SEED)]
-    return cmd + ([] if keep else ["--drop-partials"])
+    cmd += ["--dout-seed", str(DOUT_SEED), "--unit-depth", str(r.unit_depth)]
+    return cmd + ([] if r.keep_partials else ["--drop-partials"])
 
 
 def _marker_dir(path: Path, kind: str) -> Path:
@@ -146,7 +149,7 @@ def _kill_and_resume(
     t_fixed = r.t_fixed[kind]
     t_unit = max(r.t_full[kind] - t_fixed, 0.0) / total
     targets = np.sort(rng.uniform(0.05, 0.95, kills))
-    cmd = _command(path, kind, r.keep_partials)
+    cmd = _command(path, kind, r)
     records: list[dict] = []
     for i, frac in enumerate(targets):
         before = _units_done(path, kind)
@@ -283,7 +286,7 @@ def test_backward_killed_while_writing_dout(reference, tmp_path, previous):
         other = _load_script().make_dout(open_run(path).problem, DOUT_SEED + 1)
         run_backward(path, other, keep_partials=reference.keep_partials, progress=False)
     blocks = SHAPE["seq_len"] // SHAPE["chunk_tokens"]
-    cmd = _command(path, "bwd", reference.keep_partials)
+    cmd = _command(path, "bwd", reference)
     cmd += ["--force-dout", "--kill-self-at-dout-block", str(blocks // 2)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != -signal.SIGKILL:

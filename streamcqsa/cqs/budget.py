@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from streamcqsa.cqs.divide import Plan, divide
+from streamcqsa.cqs.divide import Node, Plan, divide
 from streamcqsa.cqs.interest import chunk_count
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -55,6 +55,35 @@ def leaf_device_bytes(
         tokens * head_dim * (itemsize * (2 * q_heads + 2 * kv_heads) + 4 * q_heads)
         + 4 * q_heads * tokens
     )
+
+
+def unit_host_bytes(
+    plan: Plan,
+    node: Node,
+    *,
+    group_ratio: int,
+    head_group: int,
+    head_dim: int,
+    kind: str = "fwd",
+) -> int:
+    """Host bytes of a task unit that runs ``node``'s subtree in memory.
+
+    Counted in fp32 (CPU kernels compute half types in fp32): the node's
+    gathered inputs, the partial rows its fold holds at its peak, the padded
+    copy written out, and one leaf's gathered inputs plus kernel outputs.
+    """
+    hq, hk, d = head_group * group_ratio, head_group, head_dim
+    if kind == "fwd":
+        per_in = d * (hq + 2 * hk)  # q, k, v
+        per_part = hq * (d + 1)  # out, lse
+    else:
+        per_in = d * (3 * hq + 2 * hk) + hq  # q, k, v, dout, out, lse
+        per_part = d * (hq + 2 * hk)  # dq, dk, dv
+    leaf = max(
+        (t.length for t in plan.tasks if t.path[: node.depth] == node.path), default=node.length
+    )
+    rows = plan.fold_rows(node) + node.length
+    return 4 * (node.length * per_in + rows * per_part + leaf * (per_in + per_part))
 
 
 def estimate(

@@ -10,6 +10,7 @@ Nothing here is per token: a node has O(itr * k) runs.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -124,6 +125,55 @@ class Plan:
 
     def iter_tasks(self) -> Iterator[Node]:
         return iter(self.tasks)
+
+    @cached_property
+    def _local_runs(self) -> dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[Run, ...]]:
+        return {}
+
+    def local_runs(self, node: Node, within: Node) -> tuple[Run, ...]:
+        """``node``'s runs in the coordinates of ``within``'s gathered tokens.
+
+        A unit that gathers one node's tokens runs its whole subtree on them;
+        each descendant gathers from that buffer instead of the full sequence.
+        ``within`` must be ``node`` or an ancestor. Every descendant run lies
+        inside one of ``within``'s runs, since those are maximal.
+        """
+        key = (node.path, within.path)
+        hit = self._local_runs.get(key)
+        if hit is not None:
+            return hit
+        if node.path[: within.depth] != within.path:
+            raise ValueError(f"{within.name} is not an ancestor of {node.name}")
+        starts, offsets, pos = [], [], 0
+        for a, n in within.runs:
+            starts.append(a)
+            offsets.append(pos)
+            pos += n
+        out = []
+        for a, n in node.runs:
+            i = bisect.bisect_right(starts, a) - 1
+            wa, wn = within.runs[max(i, 0)]
+            if i < 0 or a + n > wa + wn:
+                raise ValueError(f"run ({a}, {n}) of {node.name} is not inside {within.name}")
+            out.append((offsets[i] + a - wa, n))
+        self._local_runs[key] = hit = tuple(out)
+        return hit
+
+    def fold_rows(self, node: Node) -> int:
+        """Peak partial rows held while folding ``node``'s subtree in memory.
+
+        Children are folded one after another and kept until the parent's
+        fold, so the peak is the largest (finished siblings + one child's own
+        peak), or all children plus the parent's accumulator.
+        """
+        if node.is_leaf:
+            return node.length
+        held = peak = 0
+        for c in node.children:
+            child = self.by_path[c]
+            peak = max(peak, held + self.fold_rows(child))
+            held += child.length
+        return max(peak, held + node.length)
 
     def merge_sources(self, node: Node) -> tuple[MergeSource, ...]:
         """For each non-empty chunk of an inner node: where its rows live in the

@@ -1,6 +1,6 @@
-"""The Dask graph of a pass: the task tree, once per (batch, head group).
+"""The Dask graph of a pass: the stored task tree, once per (batch, head group).
 
-Keys are tuples. A leaf unit depends on nothing; a merge unit of a node
+Keys are tuples. A task unit depends on nothing; a merge unit of a node
 depends on a barrier of each child (which depends on all of that child's
 units), so edges stay linear in the number of units. With
 ``keep_partials=False`` the node's barrier also deletes its children's
@@ -38,14 +38,12 @@ def build_graph(
         for g in range(lay.groups):
             barrier: dict[tuple[int, ...], tuple] = {}
             for node in plan.nodes:
-                deps = [barrier[c] for c in node.children]
+                if not lay.is_stored(node):
+                    continue  # computed inside its task unit
+                merge = not lay.is_task(node)
+                deps = [barrier[c] for c in node.children] if merge else []
                 keys = []
-                pieces = (
-                    [Unit("leaf", b, g, node.path)]
-                    if node.is_leaf
-                    else [Unit("merge", b, g, node.path, j) for j in range(lay.pieces(node))]
-                )
-                for u in pieces:
+                for u in lay.units_of(node.path, b, g):
                     if lay.index(u) in skip:
                         continue
                     key = unit_key(ctx, u)
@@ -53,7 +51,7 @@ def build_graph(
                     keys.append(key)
                     unit_keys.append(key)
                 bkey = (f"{ctx.kind}-node", b, g, node.path)
-                if not keep_partials and node.children and node.depth >= 0:
+                if not keep_partials and merge:
                     dsk[bkey] = (clean_node, ctx_key, node.path, b, g, *keys)
                 else:
                     dsk[bkey] = (_barrier, *keys)

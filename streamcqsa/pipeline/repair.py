@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamcqsa.cqs.divide import divide
 from streamcqsa.storage.integrity import scan
 from streamcqsa.storage.layout import INPUTS
 from streamcqsa.storage.lock import StoreLock
@@ -30,14 +29,7 @@ def repair(store_path: Any) -> dict:
             entry = meta.get(kind)
             if not entry:
                 continue
-            plan = entry["plan"]
-            layout = Layout(
-                plan=divide(
-                    problem.seq_len, plan["itr"], plan["quorums"], is_causal=problem.is_causal
-                ),
-                problem=problem,
-                head_group=plan["head_group"],
-            )
+            layout = Layout.from_meta(entry["plan"], problem)
             arrays = RunArrays(group, layout, kind)
             units: set[Unit] = set()
             bad_markers = scan(group[arrays.marker_path]) if arrays.marker_path in group else []
@@ -86,8 +78,8 @@ def _group_of(layout: Layout, name: str, head: int, per_chunk: int) -> int:
 def _output_unit(layout: Layout, name: str, c: tuple[int, ...]) -> Unit:
     root = layout.plan.root
     g = _group_of(layout, name, c[1], 1)
-    if root.is_leaf:
-        return Unit("leaf", c[0], g, root.path)
+    if layout.is_task(root):
+        return Unit("task", c[0], g, root.path)
     return Unit("merge", c[0], g, root.path, c[2])
 
 
@@ -102,16 +94,9 @@ def _partial_unit(layout: Layout, depth: int, c: tuple[int, ...]) -> Unit:
     if node is None:
         raise StoreError(f"chunk {c} of depth {depth} lies in no node's region")
     g = c[1]  # partial chunks span exactly one head group
-    if node.is_leaf:
-        return Unit("leaf", c[0], g, node.path)
+    if layout.is_task(node):
+        return Unit("task", c[0], g, node.path)
     return Unit("merge", c[0], g, node.path, (row - layout.regions[node.path]) // layout.chunk)
-
-
-def _units_of(layout: Layout, path: tuple[int, ...], b: int, g: int) -> list[Unit]:
-    node = layout.plan.by_path[path]
-    if node.is_leaf:
-        return [Unit("leaf", b, g, path)]
-    return [Unit("merge", b, g, path, j) for j in range(layout.pieces(node))]
 
 
 def _with_dependents(layout: Layout, units: set[Unit], *, below: bool) -> set[Unit]:
@@ -119,12 +104,12 @@ def _with_dependents(layout: Layout, units: set[Unit], *, below: bool) -> set[Un
     out = set(units)
     for u in units:
         for i in range(len(u.node)):
-            out.update(_units_of(layout, u.node[:i], u.b, u.g))
+            out.update(layout.units_of(u.node[:i], u.b, u.g))
         if below:
             stack = [u.node]
             while stack:
                 path = stack.pop()
-                out.update(_units_of(layout, path, u.b, u.g))
+                out.update(layout.units_of(path, u.b, u.g))
                 stack.extend(layout.plan.by_path[path].children)
     return out
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from dask.callbacks import Callback
 
-from streamcqsa.cqs.divide import divide
+from streamcqsa.cqs.budget import unit_host_bytes
+from streamcqsa.cqs.divide import Plan, divide
 from streamcqsa.kernels.backend import get_backend
 from streamcqsa.pipeline.graph import build_graph
 from streamcqsa.pipeline.guardrail import Guardrail
@@ -128,16 +129,69 @@ def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> 
     return best
 
 
+def choose_units(
+    plan: Plan, problem: Problem, head_group: int | None, budget_bytes: int, kind: str
+) -> tuple[int, int]:
+    """(unit_depth, head_group): the shallowest stored level whose task units fit
+    the host budget, with the largest head group that fits there.
+
+    Every stored level costs a write and a read of fp32 partials, while a task
+    unit folds its subtree in memory for free, so shallow units are fastest;
+    head groups add no work or I/O, so they are split first to get there.
+    """
+    groups = (
+        [head_group]
+        if head_group is not None
+        else sorted(d for d in range(1, problem.kv_heads + 1) if problem.kv_heads % d == 0)[::-1]
+    )
+    for depth in range(plan.itr + 1):
+        tasks = [n for n in plan.nodes if n.depth == depth or (n.is_leaf and n.depth < depth)]
+        for hg in groups:
+            need = max(
+                unit_host_bytes(
+                    plan,
+                    n,
+                    group_ratio=problem.group_ratio,
+                    head_group=hg,
+                    head_dim=problem.head_dim,
+                    kind=kind,
+                )
+                for n in tasks
+            )
+            if need <= budget_bytes:
+                return depth, hg
+    if head_group is None:
+        head_group = choose_head_group(problem, max(t.length for t in plan.tasks), budget_bytes)
+    return plan.itr, head_group
+
+
 def _layout(
-    problem: Problem, itr: int, quorum: int | Sequence[int], head_group: int | None, task_bytes: int
+    problem: Problem,
+    itr: int,
+    quorum: int | Sequence[int],
+    head_group: int | None,
+    task_bytes: int,
+    unit_depth: int | str | None,
+    kind: str,
 ) -> Layout:
     plan = divide(problem.seq_len, itr, quorum, is_causal=problem.is_causal)
+    if head_group is not None and (
+        isinstance(head_group, bool)
+        or not isinstance(head_group, int)
+        or head_group < 1
+        or problem.kv_heads % head_group
+    ):
+        raise ValueError(f"head_group {head_group} must divide kv_heads {problem.kv_heads}")
+    if unit_depth == "auto":
+        unit_depth, head_group = choose_units(plan, problem, head_group, task_bytes, kind)
+    elif unit_depth is not None and (
+        isinstance(unit_depth, bool) or not isinstance(unit_depth, int) or unit_depth < 0
+    ):
+        raise ValueError(f"unit_depth must be 'auto', None or an int >= 0, got {unit_depth!r}")
     if head_group is None:
         longest = max(t.length for t in plan.tasks)
         head_group = choose_head_group(problem, longest, task_bytes)
-    if head_group < 1 or problem.kv_heads % head_group:
-        raise ValueError(f"head_group {head_group} must divide kv_heads {problem.kv_heads}")
-    return Layout(plan=plan, problem=problem, head_group=head_group)
+    return Layout(plan=plan, problem=problem, head_group=head_group, unit_depth=unit_depth)
 
 
 class _Progress(Callback):
@@ -155,7 +209,7 @@ class _Progress(Callback):
         if (
             self.bar is not None
             and isinstance(key, tuple)
-            and str(key[0]).endswith(("-leaf", "-merge"))
+            and str(key[0]).endswith(("-task", "-merge"))
         ):
             self.bar.update(1)
 
@@ -253,6 +307,7 @@ def run(
     restart: bool = False,
     head_group: int | None = None,
     task_bytes: int = 256 << 20,
+    unit_depth: int | str | None = "auto",
     check_inputs: bool = True,
     n_cap: int | None = None,
     device_memory: int | None = None,
@@ -267,6 +322,13 @@ def run(
     where one task uses every core, and 2 on a GPU); the guardrail lowers
     it on out-of-memory (CUDA OOM, or ``device_memory`` bytes exceeded) and
     finally runs a task block by block; ``inject_oom(task, n_cap)`` is a test hook.
+
+    Resumable units: the task tree is stored down to ``unit_depth``; each node
+    there is one unit that runs its subtree in memory (leaf by leaf on the
+    device) and writes only its own partial. ``"auto"`` takes the shallowest
+    depth whose units fit ``task_bytes`` of host memory (fewest partials to
+    write and read back); ``None`` or ``itr`` stores every leaf's partial (finest
+    resume, and every partial to inspect).
     """
     guard = {"n_cap": n_cap, "budget_bytes": device_memory, "inject_oom": inject_oom}
     return _run_pass(
@@ -283,6 +345,7 @@ def run(
         restart=restart,
         head_group=head_group,
         task_bytes=task_bytes,
+        unit_depth=unit_depth,
         check_inputs=check_inputs,
         guard=guard,
     )
@@ -299,6 +362,8 @@ def run_backward(
     keep_partials: bool = True,
     progress: bool = True,
     restart: bool = False,
+    task_bytes: int = 256 << 20,
+    unit_depth: int | str | None = "auto",
     check_inputs: bool = True,
     n_cap: int | None = None,
     device_memory: int | None = None,
@@ -308,7 +373,8 @@ def run_backward(
 
     ``dout`` (numpy, torch or dask, [B,H,L,D]) is written into the store
     first; without it the store must already hold one. Uses the forward's
-    plan, so the partial gradients fold up the same tree.
+    plan and head group, so the partial gradients fold up the same tree;
+    ``unit_depth`` and ``task_bytes`` work as in ``run``.
     """
     group, problem, meta = open_group(store_path)
     fwd = meta.get(FWD)
@@ -337,7 +403,8 @@ def run_backward(
         progress=progress,
         restart=restart,
         head_group=plan["head_group"],
-        task_bytes=0,
+        task_bytes=task_bytes,
+        unit_depth=unit_depth,
         check_inputs=check_inputs,
         guard={"n_cap": n_cap, "budget_bytes": device_memory, "inject_oom": inject_oom},
     )
@@ -390,6 +457,7 @@ def _run_pass(
     restart: bool,
     head_group: int | None,
     task_bytes: int,
+    unit_depth: int | str | None,
     check_inputs: bool,
     dout: Any = None,
     guard: dict | None = None,
@@ -407,7 +475,7 @@ def _run_pass(
     group, problem, meta = open_group(store_path)
     check_writable(store_path)
     get_backend(backend, device)  # fail early on an unknown or unavailable backend
-    layout = _layout(problem, itr, quorum, head_group, task_bytes)
+    layout = _layout(problem, itr, quorum, head_group, task_bytes, unit_depth, kind)
     with StoreLock(store_path):
         group, problem, meta = open_group(store_path)  # state as of holding the lock
         return _locked_pass(

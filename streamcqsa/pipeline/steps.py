@@ -1,9 +1,10 @@
-"""The resumable steps of a pass: run a leaf, merge one chunk row of a node.
+"""The resumable steps of a pass: run a task unit, merge one chunk row of a node.
 
-Each step reads what it needs from the store, calls the same task runner and
-fold code as the in-memory engine, writes whole chunks, then marks itself
-done. A step that finds its marker set does nothing, so any step can be
-re-run after a crash.
+A task unit reads its node's tokens, runs the node's subtree in memory with
+the same leaf runner and fold code as the in-memory engine (each leaf through
+the device guardrail), and writes the node's partial. Each step writes whole
+chunks, then marks itself done. A step that finds its marker set does
+nothing, so any step can be re-run after a crash.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 import torch
 import zarr
 
+from streamcqsa.cqs.divide import Node
 from streamcqsa.kernels.backend import get_backend
 from streamcqsa.kernels.fold import sum_partials
 from streamcqsa.kernels.merge import merge_partials
 from streamcqsa.kernels.runner import WorkCounter
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
+from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.pipeline.guardrail import Guardrail, block_bytes, task_bytes
 from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_names, read_runs
 from streamcqsa.storage.store import open_group
@@ -115,8 +118,8 @@ def run_unit(ctx: Context, unit: Unit, *_deps: Any) -> int:
         return 0
     if ctx.threads and torch.get_num_threads() != ctx.threads:
         torch.set_num_threads(ctx.threads)
-    if unit.kind == "leaf":
-        (_leaf_forward if ctx.kind == FWD else _leaf_backward)(ctx, unit)
+    if unit.kind == "task":
+        (_task_forward if ctx.kind == FWD else _task_backward)(ctx, unit)
     else:
         t0 = time.perf_counter()
         _merge_piece(ctx, unit)
@@ -129,102 +132,127 @@ def _device(ctx: Context) -> torch.device:
     return torch.device(ctx.device)
 
 
-def _guarded(
-    ctx: Context,
-    unit: Unit,
-    fn: Any,
-    tensors: list[torch.Tensor],
-    host: list[torch.Tensor],
-    dt: torch.dtype,
-) -> Any:
-    """Run a leaf through the device guardrail: whole, or block by block."""
-    lay = ctx.layout
-    node = lay.plan.by_path[unit.node]
-    p = lay.problem
-    dev = _device(ctx)
-    r, hg = p.group_ratio, lay.head_group
-    size = torch.empty((), dtype=dt).element_size()
-    whole = task_bytes(node.blocks, hg * r, hg, p.head_dim, size)
-    part = block_bytes(node.blocks, hg * r, hg, p.head_dim, size)
-    name = f"{node.name}[b{unit.b},g{unit.g}]"
+class _Leaves:
+    """Runs a unit's leaves through the device guardrail (whole, or block by
+    block) and times them, so the unit's in-memory folds can be told apart."""
 
-    def run_whole() -> Any:
-        return fn(*(t.to(dev) for t in tensors), *host)
+    def __init__(self, ctx: Context, unit: Unit, dt: torch.dtype) -> None:
+        self.ctx, self.unit = ctx, unit
+        self.dev = _device(ctx)
+        self.be = get_backend(ctx.backend, self.dev)
+        self.size = torch.empty((), dtype=dt).element_size()
+        self.seconds = 0.0
 
-    def run_divided() -> Any:
-        return fn(*tensors, *host, block_device=dev)
+    def _guarded(self, leaf: Node, fn: Any, tensors: tuple[torch.Tensor, ...]) -> Any:
+        lay = self.ctx.layout
+        p = lay.problem
+        hg = lay.head_group
+        shape = (leaf.blocks, hg * p.group_ratio, hg, p.head_dim, self.size)
+        name = f"{leaf.name}[b{self.unit.b},g{self.unit.g}]"
+        t0 = time.perf_counter()
 
-    return guardrail_for(ctx).run(name, (whole, run_whole), (part, run_divided))
+        def run_whole() -> Any:
+            return fn(*(t.to(self.dev) for t in tensors))
+
+        def run_divided() -> Any:
+            return fn(*tensors, block_device=self.dev)
+
+        try:
+            return guardrail_for(self.ctx).run(
+                name, (task_bytes(*shape), run_whole), (block_bytes(*shape), run_divided)
+            )
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def forward(self, leaf: Node, *qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        p = self.ctx.layout.problem
+
+        def fn(q, k, v, block_device=None):  # noqa: ANN001, ANN202
+            out, lse = task_forward(
+                q,
+                k,
+                v,
+                leaf.blocks,
+                scale=p.scale,
+                backend=self.be,
+                counter=self.ctx.counter,
+                block_device=block_device,
+            )
+            return out.cpu(), lse.cpu()
+
+        return self._guarded(leaf, fn, qkv)
+
+    def backward(self, leaf: Node, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        p = self.ctx.layout.problem
+
+        def fn(q, k, v, dout, out, lse, block_device=None):  # noqa: ANN001, ANN202
+            grads = task_backward(
+                q,
+                k,
+                v,
+                dout,
+                out,
+                lse,
+                leaf.blocks,
+                scale=p.scale,
+                backend=self.be,
+                counter=self.ctx.counter,
+                block_device=block_device,
+            )
+            return tuple(g.cpu() for g in grads)
+
+        return self._guarded(leaf, fn, xs)
 
 
-def _leaf_forward(ctx: Context, unit: Unit) -> None:
+def _task_forward(ctx: Context, unit: Unit) -> None:
     lay, arrays = ctx.layout, ctx.arrays
     p = lay.problem
     node = lay.plan.by_path[unit.node]
-    be = get_backend(ctx.backend, _device(ctx))
-    dt = be.compute_dtype(_dtype(p), _device(ctx))
+    dt = get_backend(ctx.backend, _device(ctx)).compute_dtype(_dtype(p), _device(ctx))
     t0 = time.perf_counter()
-    q = read_runs(arrays, "q", unit.b, lay.q_heads(unit.g), node.runs, p).to(dtype=dt)
-    k = read_runs(arrays, "k", unit.b, lay.kv_heads(unit.g), node.runs, p).to(dtype=dt)
-    v = read_runs(arrays, "v", unit.b, lay.kv_heads(unit.g), node.runs, p).to(dtype=dt)
+    qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
+    qkv = tuple(
+        read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p) for n in ("q", "k", "v")
+    )
     t1 = time.perf_counter()
-
-    def fn(q, k, v, block_device=None):  # noqa: ANN001, ANN202
-        out, lse = task_forward(
-            q,
-            k,
-            v,
-            node.blocks,
-            scale=p.scale,
-            backend=be,
-            counter=ctx.counter,
-            block_device=block_device,
-        )
-        return out.cpu(), lse.cpu()
-
-    out, lse = _guarded(ctx, unit, fn, [q, k, v], [], dt)
+    leaves = _Leaves(ctx, unit, dt)
+    out, lse = forward_tree(lay.plan, node, qkv, leaves.forward, dt)  # type: ignore[arg-type]
+    del qkv
     t2 = time.perf_counter()
     arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out)
     arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse)
-    ctx.stages.add(read=t1 - t0, compute=t2 - t1, write=time.perf_counter() - t2)
+    ctx.stages.add(
+        read=t1 - t0,
+        compute=leaves.seconds,
+        fold=t2 - t1 - leaves.seconds,
+        write=time.perf_counter() - t2,
+    )
 
 
-def _leaf_backward(ctx: Context, unit: Unit) -> None:
+def _task_backward(ctx: Context, unit: Unit) -> None:
     lay, arrays = ctx.layout, ctx.arrays
     p = lay.problem
     node = lay.plan.by_path[unit.node]
-    be = get_backend(ctx.backend, _device(ctx))
-    dt = be.compute_dtype(_dtype(p), _device(ctx))
+    dt = get_backend(ctx.backend, _device(ctx)).compute_dtype(_dtype(p), _device(ctx))
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
     t0 = time.perf_counter()
-    xs = {
-        name: read_runs(arrays, name, unit.b, kh if name in ("k", "v") else qh, node.runs, p)
-        for name in ("q", "k", "v", "dout", "out", "lse")
-    }
-
-    def fn(q, k, v, dout, out, lse, block_device=None):  # noqa: ANN001, ANN202
-        grads = task_backward(
-            q,
-            k,
-            v,
-            dout,
-            out,
-            lse,
-            node.blocks,
-            scale=p.scale,
-            backend=be,
-            counter=ctx.counter,
-            block_device=block_device,
-        )
-        return tuple(g.cpu() for g in grads)
-
-    tensors = [xs[n].to(dtype=dt) for n in ("q", "k", "v", "dout", "out")] + [xs["lse"]]
+    xs = tuple(
+        read_runs(arrays, n, unit.b, kh if n in ("k", "v") else qh, node.runs, p)
+        for n in ("q", "k", "v", "dout", "out", "lse")
+    )
     t1 = time.perf_counter()
-    dq, dk, dv = _guarded(ctx, unit, fn, tensors, [], dt)
+    leaves = _Leaves(ctx, unit, dt)
+    grads = backward_tree(lay.plan, node, xs, leaves.backward, dt)
+    del xs
     t2 = time.perf_counter()
-    for name, t in zip(("dq", "dk", "dv"), (dq, dk, dv), strict=True):
+    for name, t in zip(("dq", "dk", "dv"), grads, strict=True):
         arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)
-    ctx.stages.add(read=t1 - t0, compute=t2 - t1, write=time.perf_counter() - t2)
+    ctx.stages.add(
+        read=t1 - t0,
+        compute=leaves.seconds,
+        fold=t2 - t1 - leaves.seconds,
+        write=time.perf_counter() - t2,
+    )
 
 
 def _dtype(p: Any) -> torch.dtype:

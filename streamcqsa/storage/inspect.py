@@ -15,7 +15,7 @@ import dask.array as da
 import numpy as np
 import torch
 
-from streamcqsa.cqs.divide import Node, divide
+from streamcqsa.cqs.divide import Node
 from streamcqsa.storage.layout import Problem
 from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays, Unit
 from streamcqsa.storage.store import open_group
@@ -25,7 +25,7 @@ from streamcqsa.storage.store import open_group
 class TaskStatus:
     name: str
     path: tuple[int, ...]
-    kind: str  # "leaf" or "merge"
+    kind: str  # "task" (a unit; its subtree ran in memory), "merge", or "in-task"
     tokens: int
     units_done: int
     units: int
@@ -73,11 +73,7 @@ class Run:
         entry = self.meta.get(kind)
         if not entry:
             return None
-        plan = entry["plan"]
-        p = divide(
-            self.problem.seq_len, plan["itr"], plan["quorums"], is_causal=self.problem.is_causal
-        )
-        return Layout(plan=p, problem=self.problem, head_group=plan["head_group"])
+        return Layout.from_meta(entry["plan"], self.problem)
 
     def tasks(self, kind: str = FWD) -> list[TaskStatus]:
         lay = self.layout(kind)
@@ -90,11 +86,12 @@ class Run:
             done = np.zeros(lay.total_units, dtype=bool)
         out = []
         for node in lay.plan.nodes:
-            units = (
-                [Unit("leaf", 0, 0, node.path)]
-                if node.is_leaf
-                else [Unit("merge", 0, 0, node.path, j) for j in range(lay.pieces(node))]
-            )
+            if lay.is_stored(node):
+                units = lay.units_of(node.path, 0, 0)
+                kind = "task" if lay.is_task(node) else "merge"
+            else:  # done when the task unit that computes it is
+                units = lay.units_of(lay.task_of(node.path), 0, 0)
+                kind = "in-task"
             idx = [
                 lay.index(Unit(u.kind, b, g, u.node, u.piece))
                 for u in units
@@ -103,12 +100,7 @@ class Run:
             ]
             out.append(
                 TaskStatus(
-                    node.name,
-                    node.path,
-                    "leaf" if node.is_leaf else "merge",
-                    node.length,
-                    int(done[idx].sum()),
-                    len(idx),
+                    node.name, node.path, kind, node.length, int(done[idx].sum()), len(idx)
                 )
             )
         return out
@@ -132,6 +124,12 @@ class Run:
             return Partial(positions, out.astype(np.float32), lse)
         lay = self.layout()
         assert lay is not None
+        if not lay.is_stored(node):
+            raise ValueError(
+                f"{node.name} ran inside task unit {lay.plan.by_path[lay.task_of(node.path)].name}"
+                f", which stores only its own partial (unit_depth={lay.top}); run with "
+                f"unit_depth={lay.plan.itr} to keep every node's partial"
+            )
         arrays = RunArrays(self.group, lay, FWD)
         off = lay.regions[node.path]
         try:

@@ -1,9 +1,15 @@
 """Where a run's partials, outputs and markers live, and whole-chunk I/O on them.
 
-Partials of all nodes at one depth share one array per quantity; each node
-owns a row region that starts on a chunk boundary and is padded to whole
-chunks, so a leaf writes whole chunks and a merge piece writes exactly one
-chunk row: no two tasks ever write the same chunk. Head groups are the other
+The task tree is stored down to ``unit_depth``: a node at that depth (or a
+shallower leaf) is one task unit that computes its whole subtree in memory
+and writes only its own partial; nodes above it are folded from the store
+one chunk row at a time. ``unit_depth = itr`` stores every leaf's partial
+(finest resume, most I/O); ``0`` computes each (batch, head group) in one go.
+
+Partials of all stored nodes at one depth share one array per quantity; each
+node owns a row region that starts on a chunk boundary and is padded to whole
+chunks, so a task writes whole chunks and a merge piece writes exactly one
+chunk row: no two units ever write the same chunk. Head groups are the other
 chunk axis, so (batch, head group) units never share chunks either.
 """
 
@@ -29,9 +35,10 @@ FWD, BWD = "fwd", "bwd"
 
 @dataclass(frozen=True)
 class Unit:
-    """One resumable step: a leaf task or one chunk row of a merge."""
+    """One resumable step: a task (a leaf, or a subtree run in memory) or one
+    chunk row of a merge."""
 
-    kind: str  # "leaf" or "merge"
+    kind: str  # "task" or "merge"
     b: int
     g: int
     node: tuple[int, ...]
@@ -45,6 +52,50 @@ class Layout:
     plan: Plan
     problem: Problem
     head_group: int  # kv heads per group
+    unit_depth: int | None = None  # deepest stored level; None: every leaf (plan.itr)
+
+    def __post_init__(self) -> None:
+        d = self.unit_depth
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
+            raise ValueError(f"unit_depth must be an int >= 0, got {d!r}")
+
+    @property
+    def top(self) -> int:
+        """The deepest level whose nodes are stored."""
+        itr = self.plan.itr
+        return itr if self.unit_depth is None else min(self.unit_depth, itr)
+
+    def is_stored(self, node: Node) -> bool:
+        return node.depth <= self.top
+
+    def is_task(self, node: Node) -> bool:
+        """Computed in memory by one unit (its subtree included)."""
+        return node.depth == self.top or (node.is_leaf and node.depth < self.top)
+
+    def units_of(self, path: tuple[int, ...], b: int, g: int) -> list[Unit]:
+        """The units that write a stored node (none for nodes inside a task)."""
+        node = self.plan.by_path[path]
+        if not self.is_stored(node):
+            return []
+        if self.is_task(node):
+            return [Unit("task", b, g, path)]
+        return [Unit("merge", b, g, path, j) for j in range(self.pieces(node))]
+
+    def task_of(self, path: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored node whose unit computes ``path`` (itself if stored)."""
+        return path[: self.top]
+
+    @classmethod
+    def from_meta(cls, plan: dict, problem: Problem) -> Layout:
+        """The layout a pass recorded in the store's metadata (``describe()``)."""
+        from streamcqsa.cqs.divide import divide
+
+        return cls(
+            plan=divide(problem.seq_len, plan["itr"], plan["quorums"], is_causal=problem.is_causal),
+            problem=problem,
+            head_group=plan["head_group"],
+            unit_depth=plan.get("unit_depth"),
+        )
 
     @property
     def chunk(self) -> int:
@@ -70,7 +121,7 @@ class Layout:
         offsets: dict[tuple[int, ...], int] = {}
         used: dict[int, int] = {}
         for node in self.plan.nodes:
-            if node.depth == 0:
+            if node.depth == 0 or not self.is_stored(node):
                 continue
             offsets[node.path] = used.get(node.depth, 0)
             used[node.depth] = offsets[node.path] + self.pieces(node) * self.chunk
@@ -80,7 +131,7 @@ class Layout:
     def depth_rows(self) -> dict[int, int]:
         rows: dict[int, int] = {}
         for node in self.plan.nodes:
-            if node.depth:
+            if node.depth and self.is_stored(node):
                 rows[node.depth] = rows.get(node.depth, 0) + self.pieces(node) * self.chunk
         return rows
 
@@ -89,10 +140,7 @@ class Layout:
         """Units of group (0, 0) in execution order; other groups mirror them."""
         out: list[Unit] = []
         for node in self.plan.nodes:
-            if node.is_leaf:
-                out.append(Unit("leaf", 0, 0, node.path))
-            else:
-                out.extend(Unit("merge", 0, 0, node.path, j) for j in range(self.pieces(node)))
+            out.extend(self.units_of(node.path, 0, 0))
         return tuple(out)
 
     @cached_property
@@ -122,6 +170,7 @@ class Layout:
             "itr": self.plan.itr,
             "quorums": list(self.plan.quorums),
             "head_group": self.head_group,
+            "unit_depth": self.top,
             "chunk_tokens": self.chunk,
             "tasks": len(self.plan.tasks),
             "units": self.total_units,

@@ -1,7 +1,7 @@
 """Subprocess entry point for tests/test_resume.py: run (or resume) one pass.
 
-    python run_pass.py PATH fwd --itr N [--drop-partials]
-    python run_pass.py PATH bwd --dout-seed S [--drop-partials]
+    python run_pass.py PATH fwd --itr N [--drop-partials] [--unit-depth D]
+    python run_pass.py PATH bwd --dout-seed S [--drop-partials] [--unit-depth D]
 
 Prints ``ready`` (flushed) once imports are done and just before the pass
 starts, so the parent can time its kill from that moment; prints the pass's
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--itr", type=int, default=2)
     ap.add_argument("--dout-seed", type=int, default=0)
     ap.add_argument("--drop-partials", action="store_true")
+    ap.add_argument("--unit-depth", default="auto", help="an int, 'None' (every leaf) or 'auto'")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--force-dout", action="store_true", help="pass dout even when resuming")
     ap.add_argument(
@@ -84,9 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     from streamcqsa.storage import open as open_run
 
     keep = not a.drop_partials
+    depth = None if a.unit_depth == "None" else a.unit_depth
+    if depth not in (None, "auto"):
+        depth = int(depth)
     if a.kind == "fwd":
         print("ready", flush=True)
-        stats = run(a.path, itr=a.itr, keep_partials=keep, workers=a.workers, progress=False)
+        stats = run(
+            a.path,
+            itr=a.itr,
+            keep_partials=keep,
+            workers=a.workers,
+            progress=False,
+            unit_depth=depth,
+        )
     else:
         store = open_run(a.path)
         fresh = a.force_dout or not store.meta.get("bwd")
@@ -94,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.kill_self_at_dout_block is not None:
             _die_while_writing_dout(a.kill_self_at_dout_block)
         print("ready", flush=True)
-        stats = run_backward(a.path, dout, keep_partials=keep, workers=a.workers, progress=False)
+        stats = run_backward(
+            a.path,
+            dout,
+            keep_partials=keep,
+            workers=a.workers,
+            progress=False,
+            unit_depth=depth,
+        )
     print(json.dumps(stats), flush=True)
     return 0
 

@@ -1,0 +1,76 @@
+"""Run a subtree of the plan in memory: leaves through a runner, partials folded up.
+
+The engine runs the whole tree on the full sequence; a pipeline unit runs the
+subtree below one stored node on the tokens it gathered for that node. Both
+make the same leaf calls and the same folds in the same order, so both give
+the same bits, whichever node the work is cut at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from streamcqsa.cqs.divide import Node, Plan
+from streamcqsa.kernels.fold import fold, gather_runs, merge_combine, sum_partials
+from streamcqsa.kernels.runner import accumulator_dtype
+
+# (leaf, q, k, v) -> (out, lse); (leaf, q, k, v, dout, out, lse) -> (dq, dk, dv)
+LeafRun = Callable[..., tuple[Tensor, ...]]
+
+
+def forward_tree(
+    plan: Plan,
+    node: Node,
+    qkv: tuple[Tensor, Tensor, Tensor],
+    leaf: LeafRun,
+    dtype: torch.dtype,
+    *,
+    base: Node | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of ``node`` [B,H,rows,...]; ``qkv`` hold ``base``'s tokens
+    (default: ``node``'s), and leaves see them cast to ``dtype``."""
+    base = node if base is None else base
+    if node.is_leaf:
+        runs = plan.local_runs(node, base)
+        return leaf(node, *(gather_runs(x, runs, dtype) for x in qkv))  # type: ignore[return-value]
+    parts = {
+        c: forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base) for c in node.children
+    }
+    q = qkv[0]
+    shape = (*q.shape[:2], node.length, q.shape[3])
+    acc = accumulator_dtype(dtype)
+    out = (
+        torch.empty(shape, dtype=acc, device=q.device),
+        torch.empty(shape[:-1], dtype=acc, device=q.device),
+    )
+    return fold(plan.merge_sources(node), parts, out, merge_combine, (0.0, -math.inf))  # type: ignore[return-value]
+
+
+def backward_tree(
+    plan: Plan,
+    node: Node,
+    xs: tuple[Tensor, ...],
+    leaf: LeafRun,
+    dtype: torch.dtype,
+    *,
+    base: Node | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Partial (dq, dk, dv) of ``node``; ``xs`` = (q, k, v, dout, out, lse) of ``base``."""
+    base = node if base is None else base
+    if node.is_leaf:
+        runs = plan.local_runs(node, base)
+        cast = [gather_runs(x, runs, dtype) for x in xs[:5]]
+        return leaf(node, *cast, gather_runs(xs[5], runs))  # type: ignore[return-value]
+    parts = {
+        c: backward_tree(plan, plan.by_path[c], xs, leaf, dtype, base=base) for c in node.children
+    }
+    acc = accumulator_dtype(dtype)
+    out = tuple(
+        torch.empty((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device)
+        for t in xs[:3]
+    )
+    return fold(plan.merge_sources(node), parts, out, sum_partials, (0.0, 0.0, 0.0))  # type: ignore[return-value]

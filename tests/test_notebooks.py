@@ -1,0 +1,95 @@
+"""Every notebook in notebooks/ runs top to bottom without error (nbclient).
+
+The notebooks assert what they show (verify within tolerance, the
+log-sum-exp merge of the partials, a bit-identical resume), so a wrong
+result fails here too. The kernel runs this interpreter (``sys.executable``)
+through a kernel spec written for the test, so a ``python3`` kernel spec of
+another installation can never be picked up; matplotlib uses Agg and the
+notebooks run at their small default sizes (``STREAMCQSA_NB_SMALL=1``).
+
+Notebooks are kept in git with their outputs stripped; that is checked too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+KERNEL = "streamcqsa-test"
+CELL_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory) -> Path:
+    """A kernel spec that starts ipykernel in this very interpreter."""
+    root = tmp_path_factory.mktemp("kernels")
+    spec = root / KERNEL
+    spec.mkdir()
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "stream-cqsa tests",
+                "language": "python",
+                "env": {"MPLBACKEND": "Agg", "STREAMCQSA_NB_SMALL": "1"},
+            }
+        )
+    )
+    return root
+
+
+def test_notebooks_found():
+    names = {p.name for p in NOTEBOOKS}
+    assert {"01_quickstart.ipynb", "02_inspect_partials.ipynb", "03_resume.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_stripped(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{path.name}: commit notebooks with outputs stripped"
+            )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path, kernel_dir, tmp_path):
+    nb = nbformat.read(path, as_version=4)
+    km = KernelManager(
+        kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
+    )
+    client = NotebookClient(
+        nb,
+        km=km,
+        kernel_name=KERNEL,
+        timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    t0 = time.perf_counter()
+    try:
+        client.execute()  # raises CellExecutionError naming the cell on any error
+    finally:
+        if km.has_kernel:  # nbclient leaves a kernel it did not create running
+            km.shutdown_kernel(now=True)
+    print(f"\n{path.name}: {time.perf_counter() - t0:.1f} s")
+    # the kernel really was this interpreter
+    assert km.kernel_spec is not None and km.kernel_spec.argv[0] == sys.executable
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.get("output_type") == "error"
+    ]
+    assert not errors
