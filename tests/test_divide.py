@@ -151,7 +151,28 @@ def check_structure(plan: Plan) -> None:
         assert np.array_equal(empty, ~touched)
 
 
+def _empty_mask(plan: Plan) -> dict[tuple[int, ...], np.ndarray]:
+    """Per node, which local rows nothing below it reaches, by brute force:
+    a leaf's rows no block covers; an inner row empty in every holder."""
+    masks: dict[tuple[int, ...], np.ndarray] = {}
+    for node in plan.nodes:  # post-order: children first
+        if node.is_leaf:
+            m = np.ones(node.length, dtype=bool)
+            for b in node.blocks.blocks:
+                m[b.q_start : b.q_stop] = False
+        else:
+            m = np.ones(node.length, dtype=bool)
+            for c in node.children:
+                pos = 0
+                for a, n in plan.by_path[c].parent_ranges:
+                    m[a : a + n] &= masks[c][pos : pos + n]
+                    pos += n
+        masks[node.path] = m
+    return masks
+
+
 def check_merge_sources(plan: Plan) -> None:
+    masks = _empty_mask(plan)
     for node in plan.nodes:
         if node.is_leaf:
             continue
@@ -162,23 +183,44 @@ def check_merge_sources(plan: Plan) -> None:
         starts = np.cumsum([0] + [m for _, m in node.chunks])[:-1]
         assert [a for a, _ in node.chunks] == starts.tolist()
         assert sum(m for _, m in node.chunks) == node.length
-        nonempty = [(a, m) for a, m in node.chunks if m]
         sources = plan.merge_sources(node)
-        assert [(s.start, s.length) for s in sources] == nonempty
+        # the ranges tile the node's rows, in order, never across a chunk edge
+        assert sources[0].start == 0 and all(s.length > 0 for s in sources)
+        for s0, s1 in zip(sources, sources[1:], strict=False):
+            assert s0.start + s0.length == s1.start
+        assert sources[-1].start + sources[-1].length == node.length
+        empty = np.zeros(node.length, dtype=bool)
         for src in sources:
-            j = next(i for i, (a, _) in enumerate(node.chunks) if a == src.start)
-            expected = [c for c in node.children if (j - c[-1]) % n in plan.interest_sets[level]]
+            j = max(i for i, (a, _) in enumerate(node.chunks) if a <= src.start)
+            ca, cn = node.chunks[j]
+            assert src.start + src.length <= ca + cn
+            holders = [c for c in node.children if (j - c[-1]) % n in plan.interest_sets[level]]
             got = [c for c, _ in src.sources]
-            assert got == expected  # the children holding the chunk, in child order
-            assert len(got) <= k
-            for c, off in src.sources:
+            # the holders whose rows here are not empty, in child order
+            for c in holders:
                 child = plan.by_path[c]
                 ranges = child.parent_ranges
-                idx = ranges.index((src.start, src.length))
-                assert off == sum(m for _, m in ranges[:idx])
-                assert off + src.length <= child.length
+                off = sum(m for _, m in ranges[: ranges.index((ca, cn))]) + src.start - ca
+                rows = masks[c][off : off + src.length]
+                assert rows.all() or not rows.any()  # split where emptiness changes
+                assert (c in got) == (not rows.any())
+                if c in got:
+                    assert dict(src.sources)[c] == off
+            assert got == [c for c in holders if c in got] and len(got) <= k
+            empty[src.start : src.start + src.length] = not got
+        assert np.array_equal(empty, masks[node.path])
+        assert plan.empty_rows(node) == tuple(
+            (s.start, s.start + s.length) for s in sources if not s.sources
+        )
         if node is plan.root:  # every query row has work (its own diagonal)
             assert all(src.sources for src in sources)
+        # gradient partials keep every holder: one range per non-empty chunk
+        full = plan.merge_sources(node, skip_empty=False)
+        assert [(s.start, s.length) for s in full] == [(a, m) for a, m in node.chunks if m]
+        for src in full:
+            j = next(i for i, (a, _) in enumerate(node.chunks) if a == src.start)
+            holders = [c for c in node.children if (j - c[-1]) % n in plan.interest_sets[level]]
+            assert [c for c, _ in src.sources] == holders
     for node in plan.nodes:
         if node.path:
             assert sum(m for _, m in node.parent_ranges) == node.length

@@ -175,9 +175,43 @@ class Plan:
             held += child.length
         return max(peak, held + node.length)
 
-    def merge_sources(self, node: Node) -> tuple[MergeSource, ...]:
-        """For each non-empty chunk of an inner node: where its rows live in the
-        children that hold it, in child order (the fixed merge order)."""
+    @cached_property
+    def _sources(self) -> dict[tuple[tuple[int, ...], bool], tuple[MergeSource, ...]]:
+        return {}
+
+    @cached_property
+    def _empty(self) -> dict[tuple[int, ...], tuple[Run, ...]]:
+        return {}
+
+    def empty_rows(self, node: Node) -> tuple[tuple[int, int], ...]:
+        """Node-local (start, stop) row ranges no block below the node reaches:
+        their partial is the merge identity (out 0, lse -inf)."""
+        hit = self._empty.get(node.path)
+        if hit is None:
+            if node.is_leaf:
+                hit = tuple(node.blocks.empty_rows)  # type: ignore[union-attr]
+            else:
+                hit = tuple(
+                    (s.start, s.start + s.length)
+                    for s in self.merge_sources(node)
+                    if not s.sources
+                )
+            self._empty[node.path] = hit
+        return hit
+
+    def merge_sources(self, node: Node, skip_empty: bool = True) -> tuple[MergeSource, ...]:
+        """Row ranges of an inner node and the children that hold them, in child
+        order (the fixed merge order); ranges with no sources are empty.
+
+        With ``skip_empty`` (forward partials) a child whose query rows there
+        are empty (nothing below it reaches them) is left out: merging the
+        identity adds exactly zero, so skipping it only saves the reads. Each
+        chunk is then split where that set changes. Gradient partials keep
+        every holder: a row with no queries can still be an attended key.
+        """
+        hit = self._sources.get((node.path, skip_empty))
+        if hit is not None:
+            return hit
         offsets: dict[tuple[int, ...], dict[int, int]] = {}
         for child in node.children:
             pos = 0
@@ -186,13 +220,45 @@ class Plan:
                 starts[a] = pos
                 pos += n
             offsets[child] = starts
-        out = []
+        out: list[MergeSource] = []
         for a, n in node.chunks:
             if n == 0:
                 continue
-            src = tuple((c, offsets[c][a]) for c in node.children if a in offsets[c])
-            out.append(MergeSource(start=a, length=n, sources=src))
-        return tuple(out)
+            holders = [c for c in node.children if a in offsets[c]]
+            # per holder: its empty rows inside this chunk, in parent coordinates
+            gaps = {}
+            cuts = {a, a + n}
+            for c in holders:
+                off = offsets[c][a]
+                g = [
+                    (a + max(e0, off) - off, a + min(e1, off + n) - off)
+                    for e0, e1 in self.empty_rows(self.by_path[c])
+                    if e0 < off + n and e1 > off
+                ]
+                if not skip_empty:
+                    g = []
+                gaps[c] = g
+                for g0, g1 in g:
+                    cuts.update((g0, g1))
+            edges = sorted(cuts)
+            for lo, hi in zip(edges, edges[1:], strict=False):
+                src = tuple(
+                    (c, offsets[c][a] + lo - a)
+                    for c in holders
+                    if not any(g0 <= lo and hi <= g1 for g0, g1 in gaps[c])
+                )
+                prev = out[-1] if out and out[-1].start + out[-1].length == lo else None
+                if (
+                    prev is not None
+                    and prev.start >= a
+                    and [c for c, _ in prev.sources] == [c for c, _ in src]
+                ):
+                    out[-1] = MergeSource(prev.start, prev.length + hi - lo, prev.sources)
+                else:
+                    out.append(MergeSource(start=lo, length=hi - lo, sources=src))
+        hit = tuple(out)
+        self._sources[(node.path, skip_empty)] = hit
+        return hit
 
 
 def divide(

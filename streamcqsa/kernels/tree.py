@@ -73,4 +73,6 @@ def backward_tree(
         torch.empty((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device)
         for t in xs[:3]
     )
-    return fold(plan.merge_sources(node), parts, out, sum_partials, (0.0, 0.0, 0.0))  # type: ignore[return-value]
+    return fold(
+        plan.merge_sources(node, skip_empty=False), parts, out, sum_partials, (0.0, 0.0, 0.0)
+    )  # type: ignore[return-value]

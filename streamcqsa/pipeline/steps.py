@@ -134,14 +134,15 @@ def _device(ctx: Context) -> torch.device:
 
 class _Leaves:
     """Runs a unit's leaves through the device guardrail (whole, or block by
-    block) and times them, so the unit's in-memory folds can be told apart."""
+    block) and times them apart from slot waits and the unit's folds."""
 
     def __init__(self, ctx: Context, unit: Unit, dt: torch.dtype) -> None:
         self.ctx, self.unit = ctx, unit
         self.dev = _device(ctx)
         self.be = get_backend(ctx.backend, self.dev)
         self.size = torch.empty((), dtype=dt).element_size()
-        self.seconds = 0.0
+        self.compute = 0.0  # inside kernels (and their transfers)
+        self.guarded = 0.0  # the same plus waiting for a device slot
 
     def _guarded(self, leaf: Node, fn: Any, tensors: tuple[torch.Tensor, ...]) -> Any:
         lay = self.ctx.layout
@@ -149,20 +150,37 @@ class _Leaves:
         hg = lay.head_group
         shape = (leaf.blocks, hg * p.group_ratio, hg, p.head_dim, self.size)
         name = f"{leaf.name}[b{self.unit.b},g{self.unit.g}]"
-        t0 = time.perf_counter()
+
+        def timed(f: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return f()
+            finally:
+                self.compute += time.perf_counter() - t
 
         def run_whole() -> Any:
-            return fn(*(t.to(self.dev) for t in tensors))
+            return timed(lambda: fn(*(t.to(self.dev) for t in tensors)))
 
         def run_divided() -> Any:
-            return fn(*tensors, block_device=self.dev)
+            return timed(lambda: fn(*tensors, block_device=self.dev))
 
+        t0 = time.perf_counter()
         try:
             return guardrail_for(self.ctx).run(
                 name, (task_bytes(*shape), run_whole), (block_bytes(*shape), run_divided)
             )
         finally:
-            self.seconds += time.perf_counter() - t0
+            self.guarded += time.perf_counter() - t0
+
+    def add_stages(self, read: float, tree: float, write: float) -> None:
+        """Leaf kernels, waits for a device slot, and the unit's in-memory folds."""
+        self.ctx.stages.add(
+            read=read,
+            compute=self.compute,
+            queue=self.guarded - self.compute,
+            fold=tree - self.guarded,
+            write=write,
+        )
 
     def forward(self, leaf: Node, *qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         p = self.ctx.layout.problem
@@ -221,12 +239,7 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
     t2 = time.perf_counter()
     arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out)
     arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse)
-    ctx.stages.add(
-        read=t1 - t0,
-        compute=leaves.seconds,
-        fold=t2 - t1 - leaves.seconds,
-        write=time.perf_counter() - t2,
-    )
+    leaves.add_stages(t1 - t0, t2 - t1, time.perf_counter() - t2)
 
 
 def _task_backward(ctx: Context, unit: Unit) -> None:
@@ -247,12 +260,7 @@ def _task_backward(ctx: Context, unit: Unit) -> None:
     t2 = time.perf_counter()
     for name, t in zip(("dq", "dk", "dv"), grads, strict=True):
         arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)
-    ctx.stages.add(
-        read=t1 - t0,
-        compute=leaves.seconds,
-        fold=t2 - t1 - leaves.seconds,
-        write=time.perf_counter() - t2,
-    )
+    leaves.add_stages(t1 - t0, t2 - t1, time.perf_counter() - t2)
 
 
 def _dtype(p: Any) -> torch.dtype:
@@ -278,7 +286,7 @@ def _merge_piece(ctx: Context, unit: Unit) -> None:
         n: torch.full(s, -math.inf if n == "lse" else 0.0, dtype=torch.float32)
         for n, s in shapes.items()
     }
-    for src in lay.plan.merge_sources(node):
+    for src in lay.plan.merge_sources(node, skip_empty=fwd):
         a, z = max(a0, src.start), min(z0, src.start + src.length)
         if a >= z or not src.sources:
             continue
