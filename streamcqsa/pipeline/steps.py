@@ -172,12 +172,12 @@ class _Leaves:
         finally:
             self.guarded += time.perf_counter() - t0
 
-    def add_stages(self, read: float, tree: float, write: float) -> None:
-        """Leaf kernels, waits for a device slot, and the unit's in-memory folds."""
+    def add_stages(self, read: float, wait: float, tree: float, write: float) -> None:
+        """Leaf kernels, waits for a unit or device slot, and the in-memory folds."""
         self.ctx.stages.add(
             read=read,
             compute=self.compute,
-            queue=self.guarded - self.compute,
+            queue=wait + self.guarded - self.compute,
             fold=tree - self.guarded,
             write=write,
         )
@@ -234,12 +234,14 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
     )
     t1 = time.perf_counter()
     leaves = _Leaves(ctx, unit, dt)
-    out, lse = forward_tree(lay.plan, node, qkv, leaves.forward, dt)  # type: ignore[arg-type]
-    del qkv
+    with guardrail_for(ctx).unit_slot():
+        ts = time.perf_counter()
+        out, lse = forward_tree(lay.plan, node, qkv, leaves.forward, dt)  # type: ignore[arg-type]
+        del qkv
     t2 = time.perf_counter()
     arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out)
     arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse)
-    leaves.add_stages(t1 - t0, t2 - t1, time.perf_counter() - t2)
+    leaves.add_stages(t1 - t0, ts - t1, t2 - ts, time.perf_counter() - t2)
 
 
 def _task_backward(ctx: Context, unit: Unit) -> None:
@@ -255,12 +257,14 @@ def _task_backward(ctx: Context, unit: Unit) -> None:
     )
     t1 = time.perf_counter()
     leaves = _Leaves(ctx, unit, dt)
-    grads = backward_tree(lay.plan, node, xs, leaves.backward, dt)
-    del xs
+    with guardrail_for(ctx).unit_slot():
+        ts = time.perf_counter()
+        grads = backward_tree(lay.plan, node, xs, leaves.backward, dt)
+        del xs
     t2 = time.perf_counter()
     for name, t in zip(("dq", "dk", "dv"), grads, strict=True):
         arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)
-    leaves.add_stages(t1 - t0, t2 - t1, time.perf_counter() - t2)
+    leaves.add_stages(t1 - t0, ts - t1, t2 - ts, time.perf_counter() - t2)
 
 
 def _dtype(p: Any) -> torch.dtype:
