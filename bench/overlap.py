@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from zarr.storage import LocalStore, WrapperStore
@@ -52,9 +53,10 @@ def timed_run(
     tmp: Path,
     name: str,
     delay: float,
-    backend,
-    workers: int,  # noqa: ANN001
+    backend: Any,
+    workers: int,
     itr: int,
+    **run_kwargs: Any,
 ) -> float:
     dst = tmp / name
     shutil.copytree(src, dst)
@@ -67,8 +69,45 @@ def timed_run(
         backend=backend,
         workers=workers,
         check_inputs=False,
+        **run_kwargs,
     )
     return time.perf_counter() - t
+
+
+def measure(
+    seq_len: int = 16384,
+    heads: int = 4,
+    delay: float = 0.04,
+    workers: int = 3,
+    itr: int = 2,
+    **run_kwargs: Any,
+) -> dict:
+    """Compute-only, I/O-only and both runs of one forward (causal, fp32, D=64);
+    ``run_kwargs`` go to ``pipeline.run`` (e.g. ``unit_depth``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="scqsa-overlap-"))
+    try:
+        src = tmp / "src"
+        create_random(
+            src, seq_len=seq_len, heads=heads, head_dim=64, dtype="float32", is_causal=True
+        )
+        compute = timed_run(src, tmp, "c", 0.0, "torch", workers, itr, **run_kwargs)
+        io = timed_run(src, tmp, "i", delay, NoCompute(), workers, itr, **run_kwargs)
+        both = timed_run(src, tmp, "b", delay, "torch", workers, itr, **run_kwargs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "seq_len": seq_len,
+        "heads": heads,
+        "itr": itr,
+        "delay_s": delay,
+        "workers": workers,
+        "compute_s": compute,
+        "io_s": io,
+        "both_s": both,
+        "both_over_max": both / max(io, compute),
+        "both_over_sum": both / (io + compute),
+        **{k: v for k, v in run_kwargs.items() if isinstance(v, (int, str, type(None)))},
+    }
 
 
 def main() -> None:
@@ -79,28 +118,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--itr", type=int, default=2)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="scqsa-overlap-"))
-    try:
-        src = tmp / "src"
-        create_random(
-            src, seq_len=a.seq_len, heads=a.heads, head_dim=64, dtype="float32", is_causal=True
-        )
-        compute = timed_run(src, tmp, "c", 0.0, "torch", a.workers, a.itr)
-        io = timed_run(src, tmp, "i", a.delay, NoCompute(), a.workers, a.itr)
-        both = timed_run(src, tmp, "b", a.delay, "torch", a.workers, a.itr)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    res = {
-        "seq_len": a.seq_len,
-        "heads": a.heads,
-        "delay_s": a.delay,
-        "workers": a.workers,
-        "compute_s": compute,
-        "io_s": io,
-        "both_s": both,
-        "both_over_max": both / max(io, compute),
-        "both_over_sum": both / (io + compute),
-    }
+    res = measure(a.seq_len, a.heads, a.delay, a.workers, a.itr)
+    compute, io, both = res["compute_s"], res["io_s"], res["both_s"]
     OUT.mkdir(exist_ok=True)
     (OUT / "overlap.json").write_text(json.dumps(res, indent=2))
     md = (

@@ -23,6 +23,12 @@ def _itr(text: str) -> int | str:
     return "auto" if text == "auto" else int(text)
 
 
+def _unit_depth(text: str) -> int | str | None:
+    if text in ("auto", "leaves"):
+        return "auto" if text == "auto" else None
+    return int(text)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -79,6 +85,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         keep_partials=not a.drop_partials,
         progress=not a.no_progress,
         restart=a.restart,
+        unit_depth=a.unit_depth,
     )
     _print_stats(stats)
     return 0
@@ -109,6 +116,7 @@ def cmd_backward(a: argparse.Namespace) -> int:
         workers=a.workers,
         keep_partials=not a.drop_partials,
         progress=not a.no_progress,
+        unit_depth=a.unit_depth,
     )
     _print_stats(stats)
     return 0
@@ -205,6 +213,47 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(a: argparse.Namespace) -> int:
+    """The paper's scaled evaluation: time sample tasks here, extrapolate the full plan."""
+    from streamcqsa import estimate as est
+
+    def log(msg: str) -> None:
+        if not a.quiet:
+            print(f"[estimate] {msg}", file=sys.stderr, flush=True)
+
+    shape = est.Shape(
+        seq_len=a.seq_len,
+        heads=a.heads,
+        kv_heads=a.kv_heads or a.heads,
+        head_dim=a.head_dim,
+        batch=a.batch,
+        dtype=a.dtype,
+        is_causal=a.causal,
+    )
+    rep = est.estimate(
+        shape,
+        device_memory=_bytes(a.device_memory),
+        host_memory=_bytes(a.host_memory),
+        itr=a.itr,
+        quorum=a.quorum,
+        device=None if a.device == "auto" else a.device,
+        quick=a.quick,
+        pipeline=not a.no_pipeline_fit,
+        log=log,
+    )
+    check = None
+    if a.check:
+        check = est.check_model(repeats=1 if a.quick else 3, log=log)
+    if a.json:
+        print(json.dumps({"estimate": rep, "check": check} if check else rep, indent=2))
+        return 0
+    print(est.format_report(rep))
+    if check:
+        print()
+        print(est.format_check(check))
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """Store pipeline end to end on a small default problem, then verify it."""
     from streamcqsa.cqs.divide import divide
@@ -279,6 +328,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", default=None, help="threads, sync, or a scheduler address")
     s.add_argument("--drop-partials", action="store_true", help="delete partials when merged")
     s.add_argument("--restart", action="store_true", help="discard unfinished work of another plan")
+    s.add_argument(
+        "--unit-depth",
+        type=_unit_depth,
+        default="auto",
+        help="resumable units: 'auto' (shallowest that fits host memory), 'leaves' "
+        "(store every leaf partial), or a depth",
+    )
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_run)
 
@@ -290,6 +346,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--drop-partials", action="store_true")
+    s.add_argument(
+        "--unit-depth",
+        type=_unit_depth,
+        default="auto",
+        help="resumable units: 'auto' (shallowest that fits host memory), 'leaves' "
+        "(store every leaf partial), or a depth",
+    )
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_backward)
 
@@ -325,6 +388,37 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-tokens", type=int, default=65536)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser(
+        "estimate",
+        help="time sample tasks here and extrapolate a full run (the paper's scaled evaluation)",
+    )
+    s.add_argument("--seq-len", type=int, required=True)
+    s.add_argument("--heads", type=int, default=8)
+    s.add_argument("--kv-heads", type=int, default=None)
+    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--causal", action="store_true")
+    s.add_argument("--itr", type=_itr, default="auto", help="depth, or 'auto' (from budgets)")
+    s.add_argument("--quorum", type=int, default=3)
+    s.add_argument("--device-memory", default="80GiB")
+    s.add_argument("--host-memory", default="64GiB")
+    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    s.add_argument("--quick", action="store_true", help="fewer, smaller samples (seconds)")
+    s.add_argument(
+        "--no-pipeline-fit",
+        action="store_true",
+        help="skip the small end-to-end pipeline runs (wall = kernel + fold + I/O)",
+    )
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="also check the model: predict, then run, a full pipeline at L=16384",
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_estimate)
 
     s = sub.add_parser("repair", help="find corrupt chunks; reset the units that made them")
     s.add_argument("path")
