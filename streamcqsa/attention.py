@@ -71,7 +71,10 @@ def validate(q: object, k: object, v: object, scale: object) -> float:
 
 def check_finite(name: str, x: Tensor, offset: int = 0) -> None:
     """ValueError naming the token range of any NaN/Inf in x [B, H, L, D]."""
-    if torch.isfinite(x.sum(dtype=torch.float64)):  # one pass, no mask: the usual case
+    # one vectorised pass in the usual case: a NaN/Inf makes the sum non-finite,
+    # and a sum that merely overflows falls through to the exact check below
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if torch.isfinite(x.sum(dtype=acc)):
         return
     bad = ~torch.isfinite(x)
     if not bad.any():

@@ -273,3 +273,15 @@ def test_task_forward_checks_its_blocks() -> None:
 def test_merge_needs_a_partial() -> None:
     with pytest.raises(ValueError, match=r"at least one partial"):
         merge_partials([])
+
+
+def test_finite_check_survives_an_overflowing_sum():
+    """The fast check sums in fp32; a sum that overflows on finite inputs must
+    fall through to the exact check, not be taken for a NaN/Inf."""
+    from streamcqsa.attention import check_finite
+
+    check_finite("q", torch.full((1, 1, 8, 4), 3e38))
+    with pytest.raises(ValueError, match=r"positions \[5, 5\]"):
+        x = torch.full((1, 1, 8, 4), 3e38)
+        x[0, 0, 5, 1] = float("inf")
+        check_finite("q", x)

@@ -176,6 +176,26 @@ class Plan:
         return max(peak, held + node.length)
 
     @cached_property
+    def _used(self) -> dict[tuple[int, ...], tuple[tuple[Run, ...], tuple[Run, ...]]]:
+        return {}
+
+    def used_ranges(self, leaf: Node) -> tuple[tuple[Run, ...], tuple[Run, ...]]:
+        """Leaf-local (start, stop) ranges its blocks read as queries and as keys.
+
+        A causal leaf often holds rows with no work and keys nobody attends
+        (about half of both at itr=3): gathers copy only what blocks read.
+        """
+        hit = self._used.get(leaf.path)
+        if hit is None:
+            blocks = leaf.blocks.blocks  # type: ignore[union-attr]
+            hit = (
+                _union((b.q_start, b.q_stop) for b in blocks),
+                _union((b.k_start, b.k_stop) for b in blocks),
+            )
+            self._used[leaf.path] = hit
+        return hit
+
+    @cached_property
     def _sources(self) -> dict[tuple[tuple[int, ...], bool], tuple[MergeSource, ...]]:
         return {}
 
@@ -380,6 +400,16 @@ def _build(
         )
     )
     return True
+
+
+def _union(ranges: Iterator[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for a, z in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], z)
+        else:
+            out.append([a, z])
+    return tuple((a, z) for a, z in out)
 
 
 def _cut(segments: tuple[Segment, ...], chunks: tuple[Run, ...]) -> list[list[Segment]]:

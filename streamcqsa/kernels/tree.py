@@ -32,11 +32,19 @@ def forward_tree(
     base: Node | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of ``node`` [B,H,rows,...]; ``qkv`` hold ``base``'s tokens
-    (default: ``node``'s), and leaves see them cast to ``dtype``."""
+    (default: ``node``'s), and leaves see them cast to ``dtype`` (only the
+    rows and keys their blocks read are copied)."""
     base = node if base is None else base
     if node.is_leaf:
         runs = plan.local_runs(node, base)
-        return leaf(node, *(gather_runs(x, runs, dtype) for x in qkv))  # type: ignore[return-value]
+        rows, keys = plan.used_ranges(node)
+        q, k, v = qkv
+        return leaf(  # type: ignore[return-value]
+            node,
+            gather_runs(q, runs, dtype, rows),
+            gather_runs(k, runs, dtype, keys),
+            gather_runs(v, runs, dtype, keys),
+        )
     parts = {
         c: forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base) for c in node.children
     }
@@ -63,8 +71,17 @@ def backward_tree(
     base = node if base is None else base
     if node.is_leaf:
         runs = plan.local_runs(node, base)
-        cast = [gather_runs(x, runs, dtype) for x in xs[:5]]
-        return leaf(node, *cast, gather_runs(xs[5], runs))  # type: ignore[return-value]
+        rows, keys = plan.used_ranges(node)
+        q, k, v, dout, out, lse = xs
+        return leaf(  # type: ignore[return-value]
+            node,
+            gather_runs(q, runs, dtype, rows),
+            gather_runs(k, runs, dtype, keys),
+            gather_runs(v, runs, dtype, keys),
+            gather_runs(dout, runs, dtype, rows),
+            gather_runs(out, runs, dtype, rows),
+            gather_runs(lse, runs, None, rows),
+        )
     parts = {
         c: backward_tree(plan, plan.by_path[c], xs, leaf, dtype, base=base) for c in node.children
     }
