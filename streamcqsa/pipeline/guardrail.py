@@ -11,8 +11,7 @@ configurable memory budget, and tests can inject out-of-memory.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,19 +62,6 @@ class Guardrail:
     def __post_init__(self) -> None:
         if isinstance(self.n_cap, bool) or not isinstance(self.n_cap, int) or self.n_cap < 1:
             raise ValueError(f"n_cap must be an int >= 1, got {self.n_cap!r}")
-        self._units = threading.Semaphore(self.n_cap)
-
-    @contextmanager
-    def unit_slot(self) -> Iterator[None]:
-        """At most the initial n_cap units in their compute phase at once.
-
-        A unit reads its inputs before taking a slot and writes its result
-        after giving it back, so one unit's I/O overlaps another's compute,
-        while host memory holds only n_cap units' in-memory folds (the others
-        hold just their inputs). Leaves inside still pass ``run`` one by one.
-        """
-        with self._units:
-            yield
 
     def run(
         self,

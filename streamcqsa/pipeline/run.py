@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -25,9 +26,10 @@ from dask.callbacks import Callback
 from streamcqsa.cqs.budget import unit_host_bytes
 from streamcqsa.cqs.divide import Plan, divide
 from streamcqsa.kernels.backend import get_backend
+from streamcqsa.pipeline import worker
 from streamcqsa.pipeline.graph import build_graph
 from streamcqsa.pipeline.guardrail import Guardrail
-from streamcqsa.pipeline.steps import Context
+from streamcqsa.pipeline.steps import Context, compute_threads
 from streamcqsa.storage.layout import INPUTS, Problem
 from streamcqsa.storage.lock import StoreLock
 from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays
@@ -236,14 +238,18 @@ def _execute(
     finals: list,
     units: int,
     *,
-    n_cap: int = 1,
+    ctx: Context,
     scheduler: Any,
     workers: int,
     progress: bool,
     desc: str,
     gpu: bool = False,
 ) -> None:
-    """Threads (default), synchronous, or Dask distributed (a Client or an address)."""
+    """Threads (default), synchronous, or Dask distributed (a Client or an address).
+
+    With threads, Dask runs the graph on a helper thread and this thread
+    serves the compute slots (``pipeline.worker``) until the graph is done.
+    """
     resources = {"GPU": 1} if gpu else None
     if scheduler is not None and hasattr(scheduler, "get"):  # a distributed Client
         scheduler.get(dsk, finals, resources=resources)
@@ -254,17 +260,45 @@ def _execute(
         with Client(scheduler) as client:
             client.get(dsk, finals, resources=resources)
         return
+    if scheduler not in (None, "threads", "sync", "synchronous"):
+        raise ValueError(f"unknown scheduler {scheduler!r}")
     bar = _Progress(units, desc, progress)
     try:
-        with _torch_threads(workers, n_cap), bar:
-            if scheduler in (None, "threads"):
-                dask.threaded.get(dsk, finals, num_workers=workers)
-            elif scheduler in ("sync", "synchronous"):
+        with _torch_threads(workers, ctx.n_cap), bar:
+            if scheduler in ("sync", "synchronous"):
+                worker.register(ctx.run_id, worker.Inline())
                 dask.get(dsk, finals)
             else:
-                raise ValueError(f"unknown scheduler {scheduler!r}")
+                _threaded(dsk, finals, ctx, workers)
     finally:
+        worker.unregister(ctx.run_id)
         bar.close()
+
+
+def _threaded(dsk: dict, finals: list, ctx: Context, workers: int) -> None:
+    slots = worker.ComputeSlots(ctx.n_cap, compute_threads(ctx))
+    worker.register(ctx.run_id, slots)
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def graph() -> None:
+        try:
+            dask.threaded.get(dsk, finals, num_workers=workers)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            failure.append(e)
+        finally:
+            done.set()
+            slots.wake()
+
+    runner = threading.Thread(target=graph, name="streamcqsa-graph", daemon=True)
+    runner.start()
+    try:
+        slots.serve(done)
+    finally:
+        slots.close()  # queued units fail with Cancelled; the graph then ends
+        runner.join()
+    if failure:
+        raise failure[0]
 
 
 def _check_plan(meta: dict, kind: str, layout: Layout, restart: bool, arrays: RunArrays) -> bool:
@@ -588,7 +622,7 @@ def _locked_pass(
             progress=progress,
             desc=f"stream-cqsa {'forward' if kind == FWD else 'backward'}",
             gpu=device.startswith("cuda"),
-            n_cap=ctx.n_cap,
+            ctx=ctx,
         )
     except OSError as e:
         if e.errno != errno.ENOSPC:

@@ -9,7 +9,9 @@ nothing, so any step can be re-run after a crash.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.pipeline.guardrail import Guardrail, block_bytes, task_bytes
+from streamcqsa.pipeline.worker import executor
 from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_names, read_runs
 from streamcqsa.storage.store import open_group
 
@@ -70,7 +73,7 @@ class Context:
     kind: str
     backend: str = "auto"
     device: str = "cpu"
-    threads: int | None = None  # torch threads per worker (set in worker processes)
+    threads: int | None = None  # torch threads per compute slot (default: cores / n_cap)
     n_cap: int = 2  # tasks resident per device (the guardrail lowers it on OOM)
     budget_bytes: int | None = None  # device memory budget the guardrail enforces
     inject_oom: Any = None  # test hook: (task name, n_cap) -> bool
@@ -112,20 +115,39 @@ def guardrail_for(ctx: Context) -> Guardrail:
 
 
 def run_unit(ctx: Context, unit: Unit, *_deps: Any) -> int:
-    """Run one unit unless it is already done; returns 1 if it did work."""
+    """Run one unit unless it is already done; returns 1 if it did work.
+
+    This (Dask) thread reads and writes; compute goes to the device's worker
+    pool. On CPU this thread's own torch ops (dtype casts of I/O) run single
+    threaded, so no second OpenMP team competes with the pool's.
+    """
     arrays = ctx.arrays
     if arrays.is_done(unit):
         return 0
-    if ctx.threads and torch.get_num_threads() != ctx.threads:
-        torch.set_num_threads(ctx.threads)
+    cpu = not ctx.device.startswith("cuda")
+    if cpu and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # per thread under OpenMP: the pool keeps its own
     if unit.kind == "task":
         (_task_forward if ctx.kind == FWD else _task_backward)(ctx, unit)
     else:
         t0 = time.perf_counter()
-        _merge_piece(ctx, unit)
+        if cpu:
+            _compute(ctx, lambda: _merge_piece(ctx, unit))
+        else:
+            _merge_piece(ctx, unit)
         ctx.stages.add(merge=time.perf_counter() - t0)
     arrays.mark(unit)
     return 1
+
+
+def compute_threads(ctx: Context) -> int:
+    """Torch threads per compute slot: the cores shared by n_cap slots."""
+    return ctx.threads or max(1, (os.cpu_count() or 1) // max(1, ctx.n_cap))
+
+
+def _compute(ctx: Context, fn: Any) -> Any:
+    """Run ``fn`` on one of the pass's compute slots (see ``pipeline.worker``)."""
+    return executor(ctx.run_id, ctx.device, ctx.n_cap).call(fn, compute_threads(ctx))
 
 
 def _device(ctx: Context) -> torch.device:
@@ -234,10 +256,15 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
     )
     t1 = time.perf_counter()
     leaves = _Leaves(ctx, unit, dt)
-    with guardrail_for(ctx).unit_slot():
+    ts = 0.0
+
+    def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        nonlocal ts
         ts = time.perf_counter()
-        out, lse = forward_tree(lay.plan, node, qkv, leaves.forward, dt)  # type: ignore[arg-type]
-        del qkv
+        return forward_tree(lay.plan, node, xs, leaves.forward, dt)  # type: ignore[arg-type]
+
+    out, lse = _compute(ctx, functools.partial(compute, qkv))
+    del qkv
     t2 = time.perf_counter()
     arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out)
     arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse)
@@ -257,10 +284,15 @@ def _task_backward(ctx: Context, unit: Unit) -> None:
     )
     t1 = time.perf_counter()
     leaves = _Leaves(ctx, unit, dt)
-    with guardrail_for(ctx).unit_slot():
+    ts = 0.0
+
+    def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        nonlocal ts
         ts = time.perf_counter()
-        grads = backward_tree(lay.plan, node, xs, leaves.backward, dt)
-        del xs
+        return backward_tree(lay.plan, node, xs, leaves.backward, dt)
+
+    grads = _compute(ctx, functools.partial(compute, xs))
+    del xs
     t2 = time.perf_counter()
     for name, t in zip(("dq", "dk", "dv"), grads, strict=True):
         arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)

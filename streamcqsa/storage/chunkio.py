@@ -115,18 +115,26 @@ def write(arr: Any, sel: tuple, data: np.ndarray) -> None:
     dtype = np.dtype(arr.dtype)
     full = np.asarray(data, dtype=dtype).reshape([z - a for a, z in bounds])
     coros = []
+    nbytes = int(np.prod(arr.chunks)) * dtype.itemsize
     for coord in _chunks(arr, bounds):
-        chunk = np.full(arr.chunks, arr.metadata.fill_value, dtype=dtype)
+        # one copy per chunk: the data goes straight into the encoded bytes
+        raw = np.empty(nbytes + 4, dtype=np.uint8)
+        chunk = raw[:nbytes].view(dtype).reshape(arr.chunks)
         src, dst = [], []
+        edge = False
         for (a, z), c, i, n in zip(bounds, arr.chunks, coord, arr.shape, strict=True):
             lo, hi = i * c, min((i + 1) * c, n)
             if lo < a or hi > z:
                 raise ValueError(f"write to {arr.path} covers chunk {coord} only in part")
             src.append(slice(lo - a, hi - a))
             dst.append(slice(0, hi - lo))
+            edge |= hi - lo < c
+        if edge:
+            chunk.fill(arr.metadata.fill_value)
         chunk[tuple(dst)] = full[tuple(src)]
-        body = chunk.tobytes()
-        crc = np.uint32(google_crc32c.value(body)).tobytes()
-        coros.append(arr.store.set(_key(arr, coord), _PROTO.buffer.from_bytes(body + crc)))
+        raw[nbytes:] = np.frombuffer(
+            np.uint32(google_crc32c.value(raw[:nbytes])).tobytes(), dtype=np.uint8
+        )
+        coros.append(arr.store.set(_key(arr, coord), _PROTO.buffer.from_array_like(raw)))
     sync(_gather(coros))
     del keep

@@ -1,0 +1,165 @@
+"""Where a pass's compute runs: the calling thread, while Dask's threads do I/O.
+
+A unit reads its inputs on a Dask thread, hands its compute (the subtree's
+kernels and in-memory folds, or a merge) to the pass's compute slots, and
+writes the result back on its Dask thread, so one unit's I/O overlaps
+another's compute.
+
+Why the calling thread: libgomp gives every thread that launches parallel
+work its own OpenMP team, and while the teams hold more threads than there
+are cores it stops spinning between parallel regions. Many small kernels
+(itr=3 runs about a thousand) then pay a wake-up each: measured 20-30%
+slower on 2 cores, and that lasts for as long as the extra threads live.
+Computing on the thread that called ``run`` (plus ``n_cap - 1`` helpers that
+end with the pass) adds no team: the pipeline runs like the in-memory engine,
+and leaves nothing behind that slows the caller's later work. Worker
+processes of a distributed run keep one pool per device instead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+_WAKE = object()  # wakes the serving thread; helpers skip it
+
+
+class Cancelled(RuntimeError):
+    """The pass was interrupted; units still queued for compute give up."""
+
+
+def _run(job: tuple[Future, Callable[[], Any], int | None]) -> None:
+    fut, fn, threads = job
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # per thread under OpenMP
+        fut.set_result(fn())
+    except BaseException as e:  # noqa: BLE001 - the caller gets it
+        fut.set_exception(e)
+        if not isinstance(e, Exception):
+            raise  # KeyboardInterrupt in the serving thread stops the pass
+
+
+class ComputeSlots:
+    """Compute slots of one pass: the thread that calls ``serve`` plus helpers."""
+
+    def __init__(self, slots: int, threads: int | None) -> None:
+        self.threads = threads
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._helpers = [
+            threading.Thread(target=self._helper, name=f"streamcqsa-compute-{i}", daemon=True)
+            for i in range(max(1, slots) - 1)
+        ]
+        for t in self._helpers:
+            t.start()
+
+    def call(self, fn: Callable[[], Any], threads: int | None = None) -> Any:
+        """Run ``fn`` on a slot; wait for its result (from a Dask thread)."""
+        if self._closed:
+            raise Cancelled("the pass was interrupted")
+        fut: Future = Future()
+        self._jobs.put((fut, fn, threads or self.threads))
+        return fut.result()
+
+    def _helper(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job is not _WAKE:
+                _run(job)
+
+    def wake(self) -> None:
+        """Called when the graph is done, so ``serve`` returns at once."""
+        self._jobs.put(_WAKE)
+
+    def serve(self, done: threading.Event) -> None:
+        """Run jobs on this thread until ``done`` is set (the graph finished)."""
+        before = torch.get_num_threads()
+        try:
+            while not done.is_set():
+                try:
+                    job = self._jobs.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if job is not None and job is not _WAKE:
+                    _run(job)
+        finally:
+            torch.set_num_threads(before)
+
+    def close(self) -> None:
+        """Fail whatever is still queued, stop the helpers."""
+        self._closed = True
+        for _ in self._helpers:
+            self._jobs.put(None)
+        for t in self._helpers:
+            t.join()
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job is not _WAKE and job[0].set_running_or_notify_cancel():
+                job[0].set_exception(Cancelled("the pass was interrupted"))
+
+
+class Inline:
+    """Compute on the calling thread (the synchronous scheduler)."""
+
+    def call(self, fn: Callable[[], Any], threads: int | None = None) -> Any:
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return fn()
+
+
+class DevicePool:
+    """A distributed worker process's compute threads for one device (made once,
+    kept for the process's life: its Dask threads only do I/O)."""
+
+    def __init__(self, device: str, slots: int) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(slots):
+            threading.Thread(
+                target=self._loop, name=f"streamcqsa-{device}-{i}", daemon=True
+            ).start()
+
+    def _loop(self) -> None:
+        while True:
+            _run(self._jobs.get())
+
+    def call(self, fn: Callable[[], Any], threads: int | None = None) -> Any:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, threads))
+        return fut.result()
+
+
+_SLOTS: dict[str, Any] = {}  # run id -> this process's ComputeSlots or Inline
+_POOLS: dict[tuple[str, int], DevicePool] = {}
+_LOCK = threading.Lock()
+
+
+def register(run_id: str, slots: Any) -> None:
+    with _LOCK:
+        _SLOTS[run_id] = slots
+
+
+def unregister(run_id: str) -> None:
+    with _LOCK:
+        _SLOTS.pop(run_id, None)
+
+
+def executor(run_id: str, device: str, slots: int) -> Any:
+    """The pass's slots in the driver process; elsewhere the device's pool."""
+    with _LOCK:
+        hit = _SLOTS.get(run_id)
+        if hit is not None:
+            return hit
+        key = (device, max(1, slots))
+        if key not in _POOLS:
+            _POOLS[key] = DevicePool(*key)
+        return _POOLS[key]
