@@ -313,3 +313,28 @@ def test_memory_store_and_dask_input():
     got = torch.from_numpy(np.asarray(zarr.open_group(store, mode="r")["out"][:]))
     assert torch.equal(got, expect)
     assert verify(store, rows=20)["ok"]
+
+
+def test_ctrl_c_stops_the_pass_and_a_rerun_resumes(tmp_path):
+    """A KeyboardInterrupt in the compute (which runs on the calling thread)
+    stops the pass at once; queued units give up; the rerun resumes."""
+    ref, path = tmp_path / "ref", tmp_path / "s"
+    for p in (ref, path):
+        create_random(p, seq_len=700, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    run(ref, itr=2, progress=False, unit_depth=None)
+    calls = 0
+
+    def interrupt(task, n_cap):
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        run(path, itr=2, progress=False, unit_depth=None, inject_oom=interrupt)
+    status = open_run(path).status()["fwd"]
+    assert 0 < status["units_done"] < status["units"]
+    stats = run(path, itr=2, progress=False, unit_depth=None)
+    assert stats["units_skipped"] > 0
+    assert torch.equal(_load(path, "out", "float32"), _load(ref, "out", "float32"))
