@@ -338,3 +338,28 @@ def test_ctrl_c_stops_the_pass_and_a_rerun_resumes(tmp_path):
     stats = run(path, itr=2, progress=False, unit_depth=None)
     assert stats["units_skipped"] > 0
     assert torch.equal(_load(path, "out", "float32"), _load(ref, "out", "float32"))
+
+
+def test_rerun_keeps_the_units_it_started_with(tmp_path):
+    """'auto' units are chosen once per pass: a rerun under another budget (or an
+    older store, from before units had a depth) resumes instead of refusing."""
+    from streamcqsa.storage.store import open_group, update_meta
+
+    path = tmp_path / "s"
+    create_random(path, seq_len=600, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    first = run(path, itr=2, progress=False, task_bytes=60_000)
+    assert first["plan"]["unit_depth"] >= 1
+    again = run(path, itr=2, progress=False)  # the default budget would pick depth 0
+    assert again["units_run"] == 0 and again["plan"] == first["plan"]
+    legacy = tmp_path / "legacy"
+    create_random(legacy, seq_len=600, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    done = run(legacy, itr=2, progress=False, unit_depth=None)  # every leaf stored
+    group, _, meta = open_group(legacy)
+    old = dict(meta["fwd"])
+    old["plan"] = {k: v for k, v in old["plan"].items() if k != "unit_depth"}
+    update_meta(group, fwd=old)  # what a store written before unit_depth holds
+    assert run(legacy, itr=2, progress=False)["units_run"] == 0
+    rerun = run(
+        legacy, itr=2, progress=False, unit_depth=None, head_group=done["plan"]["head_group"]
+    )
+    assert rerun["units_run"] == 0

@@ -79,9 +79,7 @@ def unit_host_bytes(
     else:
         per_in = d * (3 * hq + 2 * hk) + hq  # q, k, v, dout, out, lse
         per_part = d * (hq + 2 * hk)  # dq, dk, dv
-    leaf = max(
-        (t.length for t in plan.tasks if t.path[: node.depth] == node.path), default=node.length
-    )
+    leaf = plan.longest_leaf(node)
     rows = plan.fold_rows(node) + node.length
     return 4 * (node.length * per_in + rows * per_part + leaf * (per_in + per_part))
 

@@ -103,7 +103,7 @@ class Plan:
     def root(self) -> Node:
         return self.nodes[-1]
 
-    @property
+    @cached_property
     def tasks(self) -> tuple[Node, ...]:
         """Leaf tasks with something to compute, in post-order."""
         return tuple(n for n in self.nodes if n.is_leaf)
@@ -159,6 +159,23 @@ class Plan:
         self._local_runs[key] = hit = tuple(out)
         return hit
 
+    @cached_property
+    def _subtree(self) -> dict[tuple[int, ...], tuple[int, int]]:
+        """Per node, in one post-order pass: (fold_rows, longest leaf below)."""
+        out: dict[tuple[int, ...], tuple[int, int]] = {}
+        for node in self.nodes:  # children come before their parent
+            if node.is_leaf:
+                out[node.path] = (node.length, node.length)
+                continue
+            held = peak = longest = 0
+            for c in node.children:
+                rows, leaf = out[c]
+                peak = max(peak, held + rows)
+                held += self.by_path[c].length
+                longest = max(longest, leaf)
+            out[node.path] = (max(peak, held + node.length), longest)
+        return out
+
     def fold_rows(self, node: Node) -> int:
         """Peak partial rows held while folding ``node``'s subtree in memory.
 
@@ -166,14 +183,11 @@ class Plan:
         fold, so the peak is the largest (finished siblings + one child's own
         peak), or all children plus the parent's accumulator.
         """
-        if node.is_leaf:
-            return node.length
-        held = peak = 0
-        for c in node.children:
-            child = self.by_path[c]
-            peak = max(peak, held + self.fold_rows(child))
-            held += child.length
-        return max(peak, held + node.length)
+        return self._subtree[node.path][0]
+
+    def longest_leaf(self, node: Node) -> int:
+        """Tokens of the longest leaf task in ``node``'s subtree."""
+        return self._subtree[node.path][1]
 
     @cached_property
     def _used(self) -> dict[tuple[int, ...], tuple[tuple[Run, ...], tuple[Run, ...]]]:

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -131,15 +132,21 @@ def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> 
     return best
 
 
+MIN_UNITS = 4  # task units per pass the head split aims for, so I/O can overlap
+
+
 def choose_units(
     plan: Plan, problem: Problem, head_group: int | None, budget_bytes: int, kind: str
 ) -> tuple[int, int]:
     """(unit_depth, head_group): the shallowest stored level whose task units fit
-    the host budget, with the largest head group that fits there.
+    the host budget, with the largest head group there that still leaves
+    ``MIN_UNITS`` units per pass (else the largest that fits).
 
     Every stored level costs a write and a read of fp32 partials, while a task
     unit folds its subtree in memory for free, so shallow units are fastest;
     head groups add no work or I/O, so they are split first to get there.
+    Only the first unit's read and the last one's write cannot overlap
+    another unit's compute, so a few units hide most of the I/O.
     """
     groups = (
         [head_group]
@@ -148,8 +155,10 @@ def choose_units(
     )
     for depth in range(plan.itr + 1):
         tasks = [n for n in plan.nodes if n.depth == depth or (n.is_leaf and n.depth < depth)]
-        for hg in groups:
-            need = max(
+        fits = [
+            hg
+            for hg in groups
+            if max(
                 unit_host_bytes(
                     plan,
                     n,
@@ -160,11 +169,32 @@ def choose_units(
                 )
                 for n in tasks
             )
-            if need <= budget_bytes:
-                return depth, hg
+            <= budget_bytes
+        ]
+        if fits:
+            per_group = problem.batch * len(tasks)
+            enough = [hg for hg in fits if per_group * problem.kv_heads // hg >= MIN_UNITS]
+            return depth, (enough or fits)[0]
     if head_group is None:
         head_group = choose_head_group(problem, max(t.length for t in plan.tasks), budget_bytes)
     return plan.itr, head_group
+
+
+def _resume_units(
+    entry: dict | None, problem: Problem, itr: int, quorum: Any, head_group: int | None
+) -> tuple[int | str | None, int | None]:
+    """An automatic choice is made once per pass: a pass already in the store
+    with the same depth and quorums keeps its units and head group, even if
+    the budget (or its default) has changed since."""
+    plan = (entry or {}).get("plan")
+    if not plan:
+        return "auto", head_group
+    quorums = list(quorum) if isinstance(quorum, Sequence) else [quorum] * itr
+    if plan.get("itr") != itr or list(plan.get("quorums", ())) != quorums:
+        return "auto", head_group
+    if head_group is not None and head_group != plan.get("head_group"):
+        return "auto", head_group
+    return plan.get("unit_depth", itr), plan.get("head_group")
 
 
 def _layout(
@@ -280,10 +310,13 @@ def _threaded(dsk: dict, finals: list, ctx: Context, workers: int) -> None:
     worker.register(ctx.run_id, slots)
     done = threading.Event()
     failure: list[BaseException] = []
+    # the pass's own I/O threads: after a failure or Ctrl-C they are waited for
+    # (Dask returns at the first error), so none outlives the store lock
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamcqsa-io")
 
     def graph() -> None:
         try:
-            dask.threaded.get(dsk, finals, num_workers=workers)
+            dask.threaded.get(dsk, finals, num_workers=workers, pool=pool)
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             failure.append(e)
         finally:
@@ -295,8 +328,10 @@ def _threaded(dsk: dict, finals: list, ctx: Context, workers: int) -> None:
     try:
         slots.serve(done)
     finally:
-        slots.close()  # queued units fail with Cancelled; the graph then ends
+        slots.close()  # units still waiting for compute fail with Cancelled
         runner.join()
+        worker.unregister(ctx.run_id)
+        pool.shutdown(wait=True)
     if failure:
         raise failure[0]
 
@@ -306,7 +341,9 @@ def _check_plan(meta: dict, kind: str, layout: Layout, restart: bool, arrays: Ru
     prev = meta.get(kind)
     if not prev:
         return False
-    same = prev.get("plan") == layout.describe()
+    plan = dict(prev.get("plan") or {})
+    plan.setdefault("unit_depth", plan.get("itr"))  # stores from before task units
+    same = plan == layout.describe()
     if same and not (restart and kind == BWD):
         return True
     if not restart:
@@ -509,6 +546,8 @@ def _run_pass(
     group, problem, meta = open_group(store_path)
     check_writable(store_path)
     get_backend(backend, device)  # fail early on an unknown or unavailable backend
+    if unit_depth == "auto" and not restart:
+        unit_depth, head_group = _resume_units(meta.get(kind), problem, itr, quorum, head_group)
     layout = _layout(problem, itr, quorum, head_group, task_bytes, unit_depth, kind)
     with StoreLock(store_path):
         group, problem, meta = open_group(store_path)  # state as of holding the lock
@@ -604,6 +643,7 @@ def _locked_pass(
         backend=backend,
         device=device,
         threads=1 if distributed else None,
+        distributed=distributed,
         run_id=uuid.uuid4().hex,
         **guard,
     )

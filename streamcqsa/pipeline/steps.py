@@ -74,6 +74,7 @@ class Context:
     backend: str = "auto"
     device: str = "cpu"
     threads: int | None = None  # torch threads per compute slot (default: cores / n_cap)
+    distributed: bool = False  # units run in other processes (each with its own pool)
     n_cap: int = 2  # tasks resident per device (the guardrail lowers it on OOM)
     budget_bytes: int | None = None  # device memory budget the guardrail enforces
     inject_oom: Any = None  # test hook: (task name, n_cap) -> bool
@@ -131,10 +132,7 @@ def run_unit(ctx: Context, unit: Unit, *_deps: Any) -> int:
         (_task_forward if ctx.kind == FWD else _task_backward)(ctx, unit)
     else:
         t0 = time.perf_counter()
-        if cpu:
-            _compute(ctx, lambda: _merge_piece(ctx, unit))
-        else:
-            _merge_piece(ctx, unit)
+        _merge_piece(ctx, unit)
         ctx.stages.add(merge=time.perf_counter() - t0)
     arrays.mark(unit)
     return 1
@@ -147,7 +145,8 @@ def compute_threads(ctx: Context) -> int:
 
 def _compute(ctx: Context, fn: Any) -> Any:
     """Run ``fn`` on one of the pass's compute slots (see ``pipeline.worker``)."""
-    return executor(ctx.run_id, ctx.device, ctx.n_cap).call(fn, compute_threads(ctx))
+    pool = executor(ctx.run_id, ctx.device, ctx.n_cap, distributed=ctx.distributed)
+    return pool.call(fn, compute_threads(ctx))
 
 
 def _device(ctx: Context) -> torch.device:
@@ -306,22 +305,18 @@ def _dtype(p: Any) -> torch.dtype:
 
 
 def _merge_piece(ctx: Context, unit: Unit) -> None:
-    """Fold the children's rows for one chunk row [jC, (j+1)C) of a node."""
+    """Fold the children's rows for one chunk row [jC, (j+1)C) of a node.
+
+    Reads and writes stay on this (Dask) thread; on CPU the arithmetic goes
+    to a compute slot like every other computation of the pass.
+    """
     lay, arrays = ctx.layout, ctx.arrays
     node = lay.plan.by_path[unit.node]
     a0 = unit.piece * lay.chunk
     z0 = min(a0 + lay.chunk, node.length)
     names = partial_names(ctx.kind)
     fwd = ctx.kind == FWD
-    shapes = {}
-    for name in names:
-        heads = arrays.heads(name, unit.g)
-        nh = heads.stop - heads.start
-        shapes[name] = (1, nh, z0 - a0) if name == "lse" else (1, nh, z0 - a0, lay.problem.head_dim)
-    dst = {
-        n: torch.full(s, -math.inf if n == "lse" else 0.0, dtype=torch.float32)
-        for n, s in shapes.items()
-    }
+    jobs = []  # (rows [a, z) of the piece, the children's partials there, in order)
     for src in lay.plan.merge_sources(node, skip_empty=fwd):
         a, z = max(a0, src.start), min(z0, src.start + src.length)
         if a >= z or not src.sources:
@@ -332,11 +327,30 @@ def _merge_piece(ctx: Context, unit: Unit) -> None:
             pieces.append(
                 tuple(arrays.read_rows(child, n, unit.b, unit.g, ca, ca + (z - a)) for n in names)
             )
-        out = tuple(dst[n][:, :, a - a0 : z - a0] for n in names)
-        if fwd:
-            merge_partials([(pc[0], pc[1]) for pc in pieces], out=out)  # type: ignore[arg-type]
-        else:
-            sum_partials(pieces, out=out)
+        jobs.append((a, z, pieces))
+
+    def combine(jobs: list) -> dict[str, torch.Tensor]:
+        dst = {}
+        for name in names:
+            heads = arrays.heads(name, unit.g)
+            shape: tuple[int, ...] = (1, heads.stop - heads.start, z0 - a0)
+            if name != "lse":
+                shape += (lay.problem.head_dim,)
+            dst[name] = torch.full(
+                shape, -math.inf if name == "lse" else 0.0, dtype=torch.float32
+            )
+        for a, z, pieces in jobs:
+            out = tuple(dst[n][:, :, a - a0 : z - a0] for n in names)
+            if fwd:
+                merge_partials([(pc[0], pc[1]) for pc in pieces], out=out)  # type: ignore[arg-type]
+            else:
+                sum_partials(pieces, out=out)
+        return dst
+
+    work = functools.partial(combine, jobs)
+    del jobs
+    dst = _compute(ctx, work) if not ctx.device.startswith("cuda") else work()
+    del work
     for name in names:
         arrays.write_rows(unit.node, name, unit.b, unit.g, a0, dst[name])
 

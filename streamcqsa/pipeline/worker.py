@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import torch
@@ -30,30 +30,52 @@ _WAKE = object()  # wakes the serving thread; helpers skip it
 
 
 class Cancelled(RuntimeError):
-    """The pass was interrupted; units still queued for compute give up."""
+    """The pass was interrupted; units still waiting for compute give up."""
 
 
-def _run(job: tuple[Future, Callable[[], Any], int | None]) -> None:
+def _settle(fut: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless ``close`` already failed it."""
+    try:
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    except InvalidStateError:
+        pass
+
+
+def _run(job: tuple[Future, Callable[[], Any], int | None], *, reraise: bool) -> None:
     fut, fn, threads = job
-    if not fut.set_running_or_notify_cancel():
+    try:
+        if not fut.set_running_or_notify_cancel():
+            return
+    except RuntimeError:  # already failed by close()
         return
     try:
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)  # per thread under OpenMP
-        fut.set_result(fn())
+        result = fn()
     except BaseException as e:  # noqa: BLE001 - the caller gets it
-        fut.set_exception(e)
-        if not isinstance(e, Exception):
-            raise  # KeyboardInterrupt in the serving thread stops the pass
+        _settle(fut, error=e)
+        if reraise and not isinstance(e, Exception):
+            raise  # KeyboardInterrupt on the serving thread stops the pass
+    else:
+        _settle(fut, result)
 
 
 class ComputeSlots:
-    """Compute slots of one pass: the thread that calls ``serve`` plus helpers."""
+    """Compute slots of one pass: the thread that calls ``serve`` plus helpers.
+
+    ``close`` fails every job not yet finished (queued, or lost to an
+    interrupt between dequeue and run), so no Dask thread waits forever.
+    """
 
     def __init__(self, slots: int, threads: int | None) -> None:
         self.threads = threads
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._closed = False
+        self._pending: set[Future] = set()
         self._helpers = [
             threading.Thread(target=self._helper, name=f"streamcqsa-compute-{i}", daemon=True)
             for i in range(max(1, slots) - 1)
@@ -63,16 +85,23 @@ class ComputeSlots:
 
     def call(self, fn: Callable[[], Any], threads: int | None = None) -> Any:
         """Run ``fn`` on a slot; wait for its result (from a Dask thread)."""
-        if self._closed:
-            raise Cancelled("the pass was interrupted")
         fut: Future = Future()
-        self._jobs.put((fut, fn, threads or self.threads))
-        return fut.result()
+        with self._lock:
+            if self._closed:
+                raise Cancelled("the pass was interrupted")
+            self._pending.add(fut)
+            self._jobs.put((fut, fn, threads or self.threads))
+        try:
+            return fut.result()
+        finally:
+            with self._lock:
+                self._pending.discard(fut)
 
     def _helper(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if job is not _WAKE:
-                _run(job)
+            if job is not _WAKE and not self._closed:
+                _run(job, reraise=False)
+            job = None  # do not keep the last unit's tensors alive while idle
 
     def wake(self) -> None:
         """Called when the graph is done, so ``serve`` returns at once."""
@@ -88,24 +117,22 @@ class ComputeSlots:
                 except queue.Empty:
                     continue
                 if job is not None and job is not _WAKE:
-                    _run(job)
+                    _run(job, reraise=True)
+                job = None
         finally:
             torch.set_num_threads(before)
 
     def close(self) -> None:
-        """Fail whatever is still queued, stop the helpers."""
-        self._closed = True
+        """Fail every unfinished job, then stop the helpers."""
+        with self._lock:
+            self._closed = True
+            pending = list(self._pending)
+        for fut in pending:  # queued, running on a helper, or lost to an interrupt
+            _settle(fut, error=Cancelled("the pass was interrupted"))
         for _ in self._helpers:
             self._jobs.put(None)
         for t in self._helpers:
             t.join()
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and job is not _WAKE and job[0].set_running_or_notify_cancel():
-                job[0].set_exception(Cancelled("the pass was interrupted"))
 
 
 class Inline:
@@ -130,7 +157,9 @@ class DevicePool:
 
     def _loop(self) -> None:
         while True:
-            _run(self._jobs.get())
+            job = self._jobs.get()
+            _run(job, reraise=False)
+            job = None
 
     def call(self, fn: Callable[[], Any], threads: int | None = None) -> Any:
         fut: Future = Future()
@@ -153,12 +182,16 @@ def unregister(run_id: str) -> None:
         _SLOTS.pop(run_id, None)
 
 
-def executor(run_id: str, device: str, slots: int) -> Any:
-    """The pass's slots in the driver process; elsewhere the device's pool."""
+def executor(run_id: str, device: str, slots: int, *, distributed: bool) -> Any:
+    """The pass's slots in the driver process; in a distributed worker process,
+    the device's pool. A local pass that is no longer registered has ended
+    (failed or interrupted): its stragglers must not compute."""
     with _LOCK:
         hit = _SLOTS.get(run_id)
         if hit is not None:
             return hit
+        if not distributed:
+            raise Cancelled("the pass has ended")
         key = (device, max(1, slots))
         if key not in _POOLS:
             _POOLS[key] = DevicePool(*key)
