@@ -132,21 +132,18 @@ def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> 
     return best
 
 
-MIN_UNITS = 4  # task units per pass the head split aims for, so I/O can overlap
-
-
 def choose_units(
     plan: Plan, problem: Problem, head_group: int | None, budget_bytes: int, kind: str
 ) -> tuple[int, int]:
     """(unit_depth, head_group): the shallowest stored level whose task units fit
-    the host budget, with the largest head group there that still leaves
-    ``MIN_UNITS`` units per pass (else the largest that fits).
+    the host budget, with the largest head group that fits there.
 
     Every stored level costs a write and a read of fp32 partials, while a task
     unit folds its subtree in memory for free, so shallow units are fastest;
     head groups add no work or I/O, so they are split first to get there.
-    Only the first unit's read and the last one's write cannot overlap
-    another unit's compute, so a few units hide most of the I/O.
+    Splitting heads further only to have more units to overlap I/O with was
+    measured slower on CPU (kernels over fewer heads parallelise worse); with
+    slow storage, pass a smaller ``head_group``.
     """
     groups = (
         [head_group]
@@ -172,9 +169,7 @@ def choose_units(
             <= budget_bytes
         ]
         if fits:
-            per_group = problem.batch * len(tasks)
-            enough = [hg for hg in fits if per_group * problem.kv_heads // hg >= MIN_UNITS]
-            return depth, (enough or fits)[0]
+            return depth, fits[0]
     if head_group is None:
         head_group = choose_head_group(problem, max(t.length for t in plan.tasks), budget_bytes)
     return plan.itr, head_group
