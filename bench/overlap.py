@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -60,6 +61,7 @@ def timed_run(
 ) -> float:
     dst = tmp / name
     shutil.copytree(src, dst)
+    os.sync()  # flush the copy now, not during the timed run
     SlowReads.delay = delay
     t = time.perf_counter()
     run(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -176,6 +177,7 @@ def sdpa_rows(
                         for itr in pipe_itrs:
                             dst = tmp / f"run-{r}-{itr}"
                             shutil.copytree(src, dst)
+                            os.sync()  # flush the copy now, not during the timed run
                             add(f"p{itr}", partial(run, dst, itr=itr, progress=False))
                             shutil.rmtree(dst)
                 shutil.rmtree(src, ignore_errors=True)
