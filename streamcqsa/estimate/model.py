@@ -1,0 +1,298 @@
+"""The cost model's arithmetic: problem shapes, the fits, plan costs and plan choice.
+
+Pure arithmetic over plans (no torch, no timing), so that the full plan's
+cost can be summed at a billion tokens in seconds and tested anywhere; the
+measured coefficients come from ``timing`` and ``calibrate``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamcqsa.cqs.budget import ITEMSIZE, Budget, choose, leaf_device_bytes
+from streamcqsa.cqs.divide import Plan, divide
+from streamcqsa.cqs.interest import chunk_count
+
+PASSES = ("fwd", "bwd")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention problem, as a run store would hold it."""
+
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    batch: int = 1
+    dtype: str = "float16"
+    is_causal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ITEMSIZE:
+            raise ValueError(f"dtype must be one of {tuple(ITEMSIZE)}, got {self.dtype!r}")
+        for name in ("seq_len", "heads", "kv_heads", "head_dim", "batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads")
+
+    @property
+    def ratio(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class Line:
+    """``t = a + b * x`` with the fit's relative RMS residual over its points."""
+
+    a: float
+    b: float
+    rel_rms: float = 0.0
+    points: int = 0
+
+    def __call__(self, x: float) -> float:
+        return self.a + self.b * x
+
+
+def fit_nonneg(
+    cols: Sequence[Sequence[float]], y: Sequence[float], *, relative: bool = True
+) -> tuple[list[float], float]:
+    """Least squares with non-negative coefficients; returns them and the relative
+    RMS residual.
+
+    Exhaustive over column subsets (a handful of columns here), so it needs no
+    solver and always returns the best non-negative fit. ``relative`` weighs
+    every point by 1/y (points span orders of magnitude); otherwise large
+    points dominate, which is what an extrapolation to huge tasks wants.
+    """
+    x = np.asarray(cols, dtype=float).T
+    yy = np.asarray(y, dtype=float)
+    w = 1.0 / np.maximum(yy, 1e-12) if relative else np.full_like(yy, 1.0 / max(yy.max(), 1e-12))
+    best: tuple[float, list[float]] = (math.inf, [0.0] * x.shape[1])
+    for r in range(1, x.shape[1] + 1):
+        for sub in itertools.combinations(range(x.shape[1]), r):
+            coef, *_ = np.linalg.lstsq(x[:, sub] * w[:, None], yy * w, rcond=None)
+            if (coef < 0).any():
+                continue
+            full = [0.0] * x.shape[1]
+            for i, c in zip(sub, coef, strict=True):
+                full[i] = float(c)
+            err = float(np.sqrt(np.mean(((x @ np.asarray(full) - yy) * w) ** 2)))
+            if err < best[0]:
+                best = (err, full)
+    rel = float(np.sqrt(np.mean((x @ np.asarray(best[1]) / np.maximum(yy, 1e-12) - 1.0) ** 2)))
+    return best[1], rel
+
+
+def fit_line(
+    xs: Sequence[float], ys: Sequence[float], *, relative: bool = False, drop_above: float = 0.0
+) -> Line:
+    """``y = a + b x`` with a, b >= 0.
+
+    ``drop_above`` > 1 makes the fit robust to load on a shared machine, which
+    only ever adds time: points more than that factor above the line are
+    dropped and the line refitted (at most a third of the points).
+    """
+    keep = list(range(len(xs)))
+    for _ in range(3):
+        (a, b), err = fit_nonneg(
+            [[1.0] * len(keep), [xs[i] for i in keep]], [ys[i] for i in keep], relative=relative
+        )
+        if drop_above <= 1.0:
+            break
+        ok = [i for i in keep if ys[i] <= drop_above * (a + b * xs[i])]
+        if len(ok) == len(keep) or len(ok) < max(3, 2 * len(xs) // 3):
+            break
+        keep = ok
+    return Line(a=a, b=b, rel_rms=err, points=len(keep))
+
+
+# -------------------------------------------------------------------- plan costs
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """Everything the models need from a plan, per whole problem (all batches and
+    head groups). Nothing here is per token."""
+
+    itr: int
+    quorum: int
+    head_group: int
+    tasks: int  # leaf tasks x batch x head groups
+    leaves: int  # leaf tasks of one (batch, head group)
+    leaf_tokens: int  # the longest leaf
+    entries: int  # score entries x query heads, all tasks
+    fold_elems: dict[str, int]  # partial elements the folds read, per pass
+    read_bytes: dict[str, int]
+    write_bytes: dict[str, int]
+    disk: dict[str, int]  # inputs, outputs, partials per pass (every level kept)
+    device_bytes_per_task: dict[str, int]
+    host_bytes_per_task: dict[str, int]
+
+
+def compute_dtype(dtype: str, device: str) -> str:
+    """CPU kernels compute half types in fp32 (the torch backend casts once per task)."""
+    return "float32" if device.startswith("cpu") else dtype
+
+
+def task_bytes(
+    tokens: int, hq: int, hk: int, d: int, csize: int, ssize: int
+) -> dict[str, dict[str, int]]:
+    """Device and host bytes of one task per pass.
+
+    Device: the forward is the planner's ``leaf_device_bytes``; the backward
+    holds q, k, v, dout, out in the compute dtype, fp32 lse and dq/dk/dv
+    accumulators, and one block's kernel gradients. Host: the gathered inputs
+    as stored plus the fp32 partial, twice (read buffer and write buffer).
+    """
+    dev_f = leaf_device_bytes(tokens, hq, hk, d, csize)
+    dev_b = tokens * (d * (csize * (3 * hq + 2 * hk) + (4 + csize) * (hq + 2 * hk)) + 4 * hq)
+    host_f = tokens * (d * ssize * (hq + 2 * hk) + 2 * 4 * hq * (d + 1))
+    host_b = tokens * (d * ssize * (3 * hq + 2 * hk) + 4 * hq + 2 * 4 * d * (hq + 2 * hk))
+    return {"device": {"fwd": dev_f, "bwd": dev_b}, "host": {"fwd": host_f, "bwd": host_b}}
+
+
+def plan_cost(
+    plan: Plan, shape: Shape, head_group: int, chunk_tokens: int, device: str = "cpu"
+) -> PlanCost:
+    """Work, bytes and memory of running ``plan`` over ``shape``, both passes.
+
+    Store traffic is counted for the layout that stores every level (each
+    node's partial padded to whole chunks): the most the pipeline writes. A
+    pipeline that folds subtrees in memory moves less; the end-to-end fit
+    absorbs that as a smaller ``beta``.
+    """
+    if head_group < 1 or shape.kv_heads % head_group:
+        raise ValueError(f"head_group {head_group} must divide kv_heads {shape.kv_heads}")
+    hk = head_group
+    hq = hk * shape.ratio
+    units = shape.batch * (shape.kv_heads // hk)
+    d, ss = shape.head_dim, ITEMSIZE[shape.dtype]
+    cs = ITEMSIZE[compute_dtype(shape.dtype, device)]
+    leaves = plan.tasks
+    leaf_tok = sum(t.length for t in leaves)
+    pad = 0  # padded partial rows of every non-root node
+    child_rows = 0  # rows folds read: every inner node reads each child's rows
+    for n in plan.nodes:
+        if n.depth:
+            pad += math.ceil(n.length / chunk_tokens) * chunk_tokens
+        if not n.is_leaf:
+            child_rows += sum(plan.by_path[c].length for c in n.children)
+    fwd_part = hq * (d + 1) * 4  # out + lse per row
+    bwd_part = (hq + 2 * hk) * d * 4  # dq, dk, dv per row
+    L = plan.seq_len
+    read = {
+        "fwd": leaf_tok * d * ss * (hq + 2 * hk) + child_rows * fwd_part,
+        "bwd": leaf_tok * (d * ss * (3 * hq + 2 * hk) + 4 * hq) + child_rows * bwd_part,
+    }
+    write = {
+        "fwd": pad * fwd_part + L * hq * (d * ss + 4),
+        "bwd": pad * bwd_part + L * (hq + 2 * hk) * d * ss,
+    }
+    B, H, Hk = shape.batch, shape.heads, shape.kv_heads
+    disk = {
+        "inputs": B * L * d * ss * (H + 2 * Hk),
+        "fwd_outputs": B * L * H * (d * ss + 4),
+        "fwd_partials": pad * units * fwd_part,
+        "bwd_outputs": B * L * d * ss * (H + H + 2 * Hk),  # dout, dq, dk, dv
+        "bwd_partials": pad * units * bwd_part,
+    }
+    longest = max(t.length for t in leaves)
+    mem = task_bytes(longest, hq, hk, d, cs, ss)
+    return PlanCost(
+        itr=plan.itr,
+        quorum=plan.quorums[0] if plan.quorums else 0,
+        head_group=head_group,
+        tasks=len(leaves) * units,
+        leaves=len(leaves),
+        leaf_tokens=longest,
+        entries=plan.entries * hq * units,
+        fold_elems={
+            "fwd": child_rows * hq * (d + 1) * units,
+            "bwd": child_rows * (hq + 2 * hk) * d * units,
+        },
+        read_bytes={k: v * units for k, v in read.items()},
+        write_bytes={k: v * units for k, v in write.items()},
+        disk=disk,
+        device_bytes_per_task=mem["device"],
+        host_bytes_per_task=mem["host"],
+    )
+
+
+def choose_plan(
+    shape: Shape,
+    *,
+    device_memory: int,
+    host_memory: int,
+    itr: int | str = "auto",
+    quorum: int = 3,
+    n_cap: int = 1,
+    chunk_tokens: int = 65536,
+    device: str = "cpu",
+    max_itr: int = 7,
+) -> tuple[Plan, int]:
+    """The plan (and head group) both passes run with: ``run_backward`` reuses the
+    forward's plan, so the backward's larger tasks must fit too.
+
+    ``itr='auto'`` starts from the planner's choice (``streamcqsa.plan``, sized
+    for the compute dtype of ``device``) and goes deeper only if the backward
+    does not fit; a given ``itr`` only picks the head group.
+    """
+    cdt = compute_dtype(shape.dtype, device)
+    if itr == "auto":
+        est = choose(
+            seq_len=shape.seq_len,
+            heads=shape.heads,
+            kv_heads=shape.kv_heads,
+            head_dim=shape.head_dim,
+            budget=Budget(device_memory, host_memory),
+            dtype=cdt,
+            is_causal=shape.is_causal,
+            batch=shape.batch,
+            quorum=quorum,
+            max_itr=max_itr,
+            n_cap=n_cap,
+            chunk_tokens=chunk_tokens,
+        )
+        depths: Sequence[int] = range(est.itr, max_itr + 1)
+    elif isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
+        raise ValueError(f"itr must be a non-negative int or 'auto', got {itr!r}")
+    else:
+        depths = [itr]
+    groups = sorted(g for g in range(1, shape.kv_heads + 1) if shape.kv_heads % g == 0)
+    n = chunk_count(quorum)
+    for depth in depths:
+        # skip depths whose even-split leaf is obviously too big before dividing
+        approx = int(shape.seq_len * (quorum / n) ** depth * 0.9)
+        b = task_bytes(approx, shape.ratio, 1, shape.head_dim, ITEMSIZE[cdt], 4)
+        if b["device"]["bwd"] * n_cap > device_memory and depth != depths[-1]:
+            continue
+        plan = divide(shape.seq_len, depth, quorum, is_causal=shape.is_causal)
+        longest = max(t.length for t in plan.tasks)
+        for hg in reversed(groups):
+            tb = task_bytes(
+                longest,
+                hg * shape.ratio,
+                hg,
+                shape.head_dim,
+                ITEMSIZE[cdt],
+                ITEMSIZE[shape.dtype],
+            )
+            if (
+                max(tb["device"].values()) * n_cap <= device_memory
+                and max(tb["host"].values()) * n_cap <= host_memory
+            ):
+                return plan, hg
+        if len(depths) == 1:  # a fixed itr that does not fit: report it anyway
+            return plan, 1
+    raise ValueError(
+        f"no plan up to itr={max_itr} fits the backward in {device_memory} device bytes; "
+        "raise the budgets or pass --itr"
+    )
