@@ -363,3 +363,19 @@ def test_rerun_keeps_the_units_it_started_with(tmp_path):
         legacy, itr=2, progress=False, unit_depth=None, head_group=done["plan"]["head_group"]
     )
     assert rerun["units_run"] == 0
+
+
+@pytest.mark.parametrize("unit_depth", ["auto", 1])
+def test_progress_counts_every_leaf_and_merge(tmp_path, capsys, unit_depth):
+    """A unit may run a whole subtree: the bar still moves leaf by leaf."""
+    from streamcqsa.cqs import divide
+
+    path = tmp_path / "s"
+    create_random(path, seq_len=700, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    stats = run(path, itr=2, progress=True, unit_depth=unit_depth, head_group=1)
+    plan = divide(700, 2, 3)
+    leaves = len(plan.tasks) * 2  # two head groups
+    merges = stats["units_run"] - (2 if unit_depth == "auto" else 2 * len(plan.root.children))
+    total = leaves + merges
+    err = capsys.readouterr().err
+    assert f"{total}/{total}" in err, err[-300:]

@@ -160,20 +160,21 @@ class Plan:
         return hit
 
     @cached_property
-    def _subtree(self) -> dict[tuple[int, ...], tuple[int, int]]:
-        """Per node, in one post-order pass: (fold_rows, longest leaf below)."""
-        out: dict[tuple[int, ...], tuple[int, int]] = {}
+    def _subtree(self) -> dict[tuple[int, ...], tuple[int, int, int]]:
+        """Per node, in one post-order pass: (fold_rows, longest leaf, leaves)."""
+        out: dict[tuple[int, ...], tuple[int, int, int]] = {}
         for node in self.nodes:  # children come before their parent
             if node.is_leaf:
-                out[node.path] = (node.length, node.length)
+                out[node.path] = (node.length, node.length, 1)
                 continue
-            held = peak = longest = 0
+            held = peak = longest = count = 0
             for c in node.children:
-                rows, leaf = out[c]
+                rows, leaf, n = out[c]
                 peak = max(peak, held + rows)
                 held += self.by_path[c].length
                 longest = max(longest, leaf)
-            out[node.path] = (max(peak, held + node.length), longest)
+                count += n
+            out[node.path] = (max(peak, held + node.length), longest, count)
         return out
 
     def fold_rows(self, node: Node) -> int:
@@ -188,6 +189,10 @@ class Plan:
     def longest_leaf(self, node: Node) -> int:
         """Tokens of the longest leaf task in ``node``'s subtree."""
         return self._subtree[node.path][1]
+
+    def leaf_count(self, node: Node) -> int:
+        """Leaf tasks in ``node``'s subtree (1 for a leaf)."""
+        return self._subtree[node.path][2]
 
     @cached_property
     def _used(self) -> dict[tuple[int, ...], tuple[tuple[Run, ...], tuple[Run, ...]]]:

@@ -222,7 +222,11 @@ def _layout(
 
 
 class _Progress(Callback):
-    """tqdm over units (not barriers): done count, throughput and ETA."""
+    """tqdm over leaf tasks and merge steps: done count, throughput and ETA.
+
+    A task unit may run a whole subtree, so its leaves are counted as they
+    finish (from the compute slots); merge units count when Dask ends them.
+    """
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         super().__init__()
@@ -232,17 +236,25 @@ class _Progress(Callback):
 
             self.bar = tqdm(total=total, desc=desc, unit="task")
 
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
     def _posttask(self, key, result, dsk, state, worker_id):  # noqa: ANN001
-        if (
-            self.bar is not None
-            and isinstance(key, tuple)
-            and str(key[0]).endswith(("-task", "-merge"))
-        ):
-            self.bar.update(1)
+        if isinstance(key, tuple) and str(key[0]).endswith("-merge"):
+            self.update(1)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _steps(units: list, plan: Plan) -> int:
+    """What the progress bar counts: every leaf of each task unit, every merge."""
+    return sum(
+        plan.leaf_count(plan.by_path[key[3]]) if str(key[0]).endswith("-task") else 1
+        for key in units
+    )
 
 
 @contextmanager
@@ -261,7 +273,7 @@ def _torch_threads(workers: int, n_cap: int):
 def _execute(
     dsk: dict,
     finals: list,
-    units: int,
+    steps: int,
     *,
     ctx: Context,
     scheduler: Any,
@@ -287,7 +299,8 @@ def _execute(
         return
     if scheduler not in (None, "threads", "sync", "synchronous"):
         raise ValueError(f"unknown scheduler {scheduler!r}")
-    bar = _Progress(units, desc, progress)
+    bar = _Progress(steps, desc, progress)
+    worker.on_progress(ctx.run_id, bar.update)
     try:
         with _torch_threads(workers, ctx.n_cap), bar:
             if scheduler in ("sync", "synchronous"):
@@ -651,7 +664,7 @@ def _locked_pass(
         _execute(
             dsk,
             finals,
-            len(units),
+            _steps(units, layout.plan),
             scheduler=scheduler,
             workers=workers,
             progress=progress,

@@ -29,7 +29,7 @@ from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.pipeline.guardrail import Guardrail, block_bytes, task_bytes
-from streamcqsa.pipeline.worker import executor
+from streamcqsa.pipeline.worker import executor, leaf_done
 from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_names, read_runs
 from streamcqsa.storage.store import open_group
 
@@ -187,11 +187,13 @@ class _Leaves:
 
         t0 = time.perf_counter()
         try:
-            return guardrail_for(self.ctx).run(
+            result = guardrail_for(self.ctx).run(
                 name, (task_bytes(*shape), run_whole), (block_bytes(*shape), run_divided)
             )
         finally:
             self.guarded += time.perf_counter() - t0
+        leaf_done(self.ctx.run_id)
+        return result
 
     def add_stages(self, read: float, wait: float, tree: float, write: float) -> None:
         """Leaf kernels, waits for a unit or device slot, and the in-memory folds."""

@@ -168,6 +168,7 @@ class DevicePool:
 
 
 _SLOTS: dict[str, Any] = {}  # run id -> this process's ComputeSlots or Inline
+_PROGRESS: dict[str, Callable[[int], None]] = {}  # run id -> progress bar update
 _POOLS: dict[tuple[str, int], DevicePool] = {}
 _LOCK = threading.Lock()
 
@@ -180,6 +181,19 @@ def register(run_id: str, slots: Any) -> None:
 def unregister(run_id: str) -> None:
     with _LOCK:
         _SLOTS.pop(run_id, None)
+        _PROGRESS.pop(run_id, None)
+
+
+def on_progress(run_id: str, update: Callable[[int], None]) -> None:
+    """Count finished leaf tasks of the pass (a unit may run a whole subtree)."""
+    with _LOCK:
+        _PROGRESS[run_id] = update
+
+
+def leaf_done(run_id: str) -> None:
+    update = _PROGRESS.get(run_id)
+    if update is not None:
+        update(1)
 
 
 def executor(run_id: str, device: str, slots: int, *, distributed: bool) -> Any:
