@@ -118,16 +118,16 @@ def guardrail_for(ctx: Context) -> Guardrail:
 def run_unit(ctx: Context, unit: Unit, *_deps: Any) -> int:
     """Run one unit unless it is already done; returns 1 if it did work.
 
-    This (Dask) thread reads and writes; compute goes to the device's worker
-    pool. On CPU this thread's own torch ops (dtype casts of I/O) run single
-    threaded, so no second OpenMP team competes with the pool's.
+    This (Dask) thread reads and writes; compute goes to the pass's compute
+    slots (``pipeline.worker``). On CPU this thread's own torch ops (dtype
+    casts of I/O) run single threaded, so they start no second OpenMP team.
     """
     arrays = ctx.arrays
     if arrays.is_done(unit):
         return 0
     cpu = not ctx.device.startswith("cuda")
     if cpu and torch.get_num_threads() != 1:
-        torch.set_num_threads(1)  # per thread under OpenMP: the pool keeps its own
+        torch.set_num_threads(1)  # per thread under OpenMP: the slots keep their own
     if unit.kind == "task":
         (_task_forward if ctx.kind == FWD else _task_backward)(ctx, unit)
     else:
