@@ -29,6 +29,16 @@ def _unit_depth(text: str) -> int | str | None:
     return int(text)
 
 
+def _add_unit_depth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unit-depth",
+        type=_unit_depth,
+        default="auto",
+        help="resumable units: 'auto' (shallowest that fits host memory), 'leaves' "
+        "(store every leaf partial), or a depth",
+    )
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -328,13 +338,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", default=None, help="threads, sync, or a scheduler address")
     s.add_argument("--drop-partials", action="store_true", help="delete partials when merged")
     s.add_argument("--restart", action="store_true", help="discard unfinished work of another plan")
-    s.add_argument(
-        "--unit-depth",
-        type=_unit_depth,
-        default="auto",
-        help="resumable units: 'auto' (shallowest that fits host memory), 'leaves' "
-        "(store every leaf partial), or a depth",
-    )
+    _add_unit_depth(s)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_run)
 
@@ -346,13 +350,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--drop-partials", action="store_true")
-    s.add_argument(
-        "--unit-depth",
-        type=_unit_depth,
-        default="auto",
-        help="resumable units: 'auto' (shallowest that fits host memory), 'leaves' "
-        "(store every leaf partial), or a depth",
-    )
+    _add_unit_depth(s)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_backward)
 
