@@ -156,9 +156,16 @@ class Engine:
     def _forward_node(self, node: Node, q: Tensor, k: Tensor, v: Tensor, dt: torch.dtype):
         return forward_tree(self.plan, node, (q, k, v), self._leaf_forward, dt)
 
-    def _leaf_forward(self, node: Node, q: Tensor, k: Tensor, v: Tensor):
+    def _leaf_forward(self, node: Node, q: Tensor, k: Tensor, v: Tensor, fill_empty: bool):
         return task_forward(
-            q, k, v, node.blocks, scale=self.scale, backend=self.backend, counter=self.counter
+            q,
+            k,
+            v,
+            node.blocks,
+            scale=self.scale,
+            backend=self.backend,
+            counter=self.counter,
+            fill_empty=fill_empty,
         )
 
     def backward(

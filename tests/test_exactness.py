@@ -427,3 +427,33 @@ def test_task_partials_follow_the_cqs_mask(causal: bool) -> None:
 
 def test_forward_fp64_is_fp64_accurate() -> None:
     check_forward(200, 2, 3, False, 64, F64, seed=9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("itr", [2, 3])
+def test_nothing_reads_memory_left_unwritten(monkeypatch, causal, itr):
+    """Gathers copy only the rows and keys blocks read, and leaves folded in
+    memory skip filling their empty rows. Poison every torch.empty with NaN:
+    if anything read such memory, NaN would reach the output or gradients."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, h, 1111, 32, generator=g) for h in (4, 2, 2))
+    dout = torch.randn(1, 4, 1111, 32, generator=g)
+    ref = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=causal, enable_gqa=True
+    )
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    out = streamcqsa.attention(qq, kk, vv, itr=itr, is_causal=causal)
+    grads = torch.autograd.grad(out, (qq, kk, vv), dout)
+    monkeypatch.undo()
+    assert_close("out", out.detach(), ref.float(), sdpa)
+    assert all(torch.isfinite(gr).all() for gr in grads)

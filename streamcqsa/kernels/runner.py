@@ -54,6 +54,7 @@ def forward(
     backend: str | Backend = "auto",
     counter: WorkCounter | None = None,
     block_device: torch.device | None = None,
+    fill_empty: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Partial (out fp32 [B,H,L,D], lse fp32 [B,H,L]) of one task.
 
@@ -61,8 +62,10 @@ def forward(
     and keys visit that device alone (the guardrail's divided mode): the same
     kernel calls, merged in the same order, so the same bits.
 
-    Rows with no block stay empty (out 0, lse -inf). Blocks that reach rows
-    already written merge into them, in block order.
+    Rows with no block stay empty (out 0, lse -inf); with ``fill_empty=False``
+    they are left unwritten, for a partial that is folded in memory, where
+    the fold never reads a child's empty rows (``Plan.merge_sources``).
+    Blocks that reach rows already written merge into them, in block order.
     """
     _check(blocks, q, is_causal)
     dev = q.device if block_device is None else torch.device(block_device)
@@ -72,7 +75,7 @@ def forward(
     out = torch.empty(q.shape, dtype=acc, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
     if all(b.fresh for b in blocks.blocks):
-        for a, z in blocks.empty_rows:
+        for a, z in blocks.empty_rows if fill_empty else ():
             out[:, :, a:z] = 0.0
             lse[:, :, a:z] = float("-inf")
     else:  # some block merges over rows partly untouched: start from the identity

@@ -18,7 +18,7 @@ from streamcqsa.cqs.divide import Node, Plan
 from streamcqsa.kernels.fold import fold, gather_runs, merge_combine, sum_partials
 from streamcqsa.kernels.runner import accumulator_dtype
 
-# (leaf, q, k, v) -> (out, lse); (leaf, q, k, v, dout, out, lse) -> (dq, dk, dv)
+# (leaf, q, k, v, fill_empty=) -> (out, lse); (leaf, q, k, v, dout, out, lse) -> (dq, dk, dv)
 LeafRun = Callable[..., tuple[Tensor, ...]]
 
 
@@ -44,6 +44,7 @@ def forward_tree(
             gather_runs(q, runs, dtype, rows),
             gather_runs(k, runs, dtype, keys),
             gather_runs(v, runs, dtype, keys),
+            fill_empty=node is base,  # only a partial that leaves this call is read whole
         )
     parts = {
         c: forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base) for c in node.children

@@ -205,7 +205,9 @@ class _Leaves:
             write=write,
         )
 
-    def forward(self, leaf: Node, *qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, leaf: Node, *qkv: torch.Tensor, fill_empty: bool = True
+    ) -> tuple[torch.Tensor, ...]:
         p = self.ctx.layout.problem
 
         def fn(q, k, v, block_device=None):  # noqa: ANN001, ANN202
@@ -218,6 +220,7 @@ class _Leaves:
                 backend=self.be,
                 counter=self.ctx.counter,
                 block_device=block_device,
+                fill_empty=fill_empty,
             )
             return out.cpu(), lse.cpu()
 
