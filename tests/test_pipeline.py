@@ -379,3 +379,16 @@ def test_progress_counts_every_leaf_and_merge(tmp_path, capsys, unit_depth):
     total = leaves + merges
     err = capsys.readouterr().err
     assert f"{total}/{total}" in err, err[-300:]
+
+
+def test_sync_scheduler_same_bits_and_caller_threads_kept(tmp_path):
+    """The synchronous scheduler computes inline; it gives the threaded run's
+    bits and leaves the caller's torch thread count as it was."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        create_random(p, seq_len=700, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
+    before = torch.get_num_threads()
+    run(a, itr=2, progress=False, unit_depth=1)
+    run(b, itr=2, progress=False, unit_depth=1, scheduler="sync")
+    assert torch.get_num_threads() == before
+    assert torch.equal(_load(a, "out", "float32"), _load(b, "out", "float32"))

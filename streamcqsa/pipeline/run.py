@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -257,19 +256,6 @@ def _steps(units: list, plan: Plan) -> int:
     )
 
 
-@contextmanager
-def _torch_threads(workers: int, n_cap: int):
-    """Each of the n_cap tasks computing at once gets an equal share of the cores;
-    the other workers only read and write, so I/O overlaps compute without
-    oversubscribing torch's threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, min(workers, n_cap))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _execute(
     dsk: dict,
     finals: list,
@@ -302,10 +288,14 @@ def _execute(
     bar = _Progress(steps, desc, progress)
     worker.on_progress(ctx.run_id, bar.update)
     try:
-        with _torch_threads(workers, ctx.n_cap), bar:
+        with bar:
             if scheduler in ("sync", "synchronous"):
                 worker.register(ctx.run_id, worker.Inline())
-                dask.get(dsk, finals)
+                before = torch.get_num_threads()  # run_unit sets its I/O thread's
+                try:
+                    dask.get(dsk, finals)
+                finally:
+                    torch.set_num_threads(before)
             else:
                 _threaded(dsk, finals, ctx, workers)
     finally:

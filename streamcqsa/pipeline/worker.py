@@ -139,9 +139,13 @@ class Inline:
     """Compute on the calling thread (the synchronous scheduler)."""
 
     def call(self, fn: Callable[[], Any], threads: int | None = None) -> Any:
-        if threads and torch.get_num_threads() != threads:
+        before = torch.get_num_threads()
+        if threads and before != threads:
             torch.set_num_threads(threads)
-        return fn()
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
 
 
 class DevicePool:
