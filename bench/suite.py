@@ -41,7 +41,7 @@ from streamcqsa import attention
 from streamcqsa.cqs import divide
 from streamcqsa.cqs.divide import Node
 from streamcqsa.kernels import runner
-from streamcqsa.kernels.fold import gather_runs
+from streamcqsa.kernels.tokens import gather_runs
 from streamcqsa.pipeline import run
 from streamcqsa.storage import create
 

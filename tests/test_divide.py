@@ -298,6 +298,35 @@ def test_local_runs_gather_the_same_tokens(args: tuple[int, int, object, bool, i
 
 @settings(max_examples=40, deadline=None)
 @given(plans())
+def test_leaf_tokens_read_what_a_gather_reads(args: tuple[int, int, object, bool, int]) -> None:
+    """Every block reads through ``Tokens`` the same rows a full gather holds,
+    as a view of the source when it lies inside one run (nothing copied)."""
+    import torch
+
+    from streamcqsa.kernels.tokens import Tokens, gather_runs, leaf_tokens
+
+    L, itr, quorum, causal, tile = args
+    plan = divide(L, itr, quorum, is_causal=causal, tile=tile)
+    x = torch.arange(L, dtype=torch.float32).view(1, 1, L, 1) + 0.5
+    for leaf in plan.tasks:
+        full = gather_runs(x, leaf.runs)
+        used, crossing = plan.used_ranges(leaf), plan.crossing_ranges(leaf)
+        tq = leaf_tokens(x, leaf.runs, None, used[0], crossing[0])
+        tk = leaf_tokens(x, leaf.runs, None, used[1], crossing[1])
+        assert isinstance(tq, Tokens) == (len(leaf.runs) > 1)
+        for b in leaf.blocks.blocks:  # type: ignore[union-attr]
+            for t, a, z in ((tq, b.q_start, b.q_stop), (tk, b.k_start, b.k_stop)):
+                got = t.rows(a, z) if isinstance(t, Tokens) else t[:, :, a:z]
+                assert torch.equal(got, full[:, :, a:z])
+                inside = not any(a < e < z for e in np.cumsum([n for _, n in leaf.runs]))
+                assert (
+                    got.data_ptr() >= x.data_ptr()
+                    and got.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+                ) == inside
+
+
+@settings(max_examples=40, deadline=None)
+@given(plans())
 def test_fold_rows_bounds(args: tuple[int, int, object, bool, int]) -> None:
     """The in-memory fold's peak holds at least the node and at most every
     node of its subtree at once."""

@@ -21,7 +21,7 @@ import streamcqsa
 from streamcqsa.cqs import divide
 from streamcqsa.kernels import WorkCounter
 from streamcqsa.kernels import forward as task_forward
-from streamcqsa.kernels.fold import gather_runs
+from streamcqsa.kernels.tokens import gather_runs
 
 Tensor = torch.Tensor
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64

@@ -214,6 +214,31 @@ class Plan:
             self._used[leaf.path] = hit
         return hit
 
+    def crossing_ranges(self, leaf: Node) -> tuple[tuple[Run, ...], tuple[Run, ...]]:
+        """Leaf-local (start, stop) query and key ranges of blocks that cross
+        one of the leaf's runs: the only rows a gather must copy, since a
+        block inside one run can read a view of the source."""
+        hit = self._crossing.get(leaf.path)
+        if hit is None:
+            ends = [0]
+            for _, n in leaf.runs:
+                ends.append(ends[-1] + n)
+
+            def crosses(a: int, z: int) -> bool:
+                return bisect.bisect_right(ends, a) != bisect.bisect_left(ends, z)
+
+            blocks = leaf.blocks.blocks  # type: ignore[union-attr]
+            hit = (
+                _union((b.q_start, b.q_stop) for b in blocks if crosses(b.q_start, b.q_stop)),
+                _union((b.k_start, b.k_stop) for b in blocks if crosses(b.k_start, b.k_stop)),
+            )
+            self._crossing[leaf.path] = hit
+        return hit
+
+    @cached_property
+    def _crossing(self) -> dict[tuple[int, ...], tuple[tuple[Run, ...], tuple[Run, ...]]]:
+        return {}
+
     @cached_property
     def _sources(self) -> dict[tuple[tuple[int, ...], bool], tuple[MergeSource, ...]]:
         return {}
@@ -231,9 +256,7 @@ class Plan:
                 hit = tuple(node.blocks.empty_rows)  # type: ignore[union-attr]
             else:
                 hit = tuple(
-                    (s.start, s.start + s.length)
-                    for s in self.merge_sources(node)
-                    if not s.sources
+                    (s.start, s.start + s.length) for s in self.merge_sources(node) if not s.sources
                 )
             self._empty[node.path] = hit
         return hit

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from streamcqsa.cqs.divide import MergeSource
@@ -58,32 +57,6 @@ def fold(
         ]
         combine(pieces, out=dst)
     return out
-
-
-def gather_runs(
-    x: Tensor,
-    runs: Sequence[tuple[int, int]],
-    dtype: torch.dtype | None = None,
-    keep: Sequence[tuple[int, int]] | None = None,
-) -> Tensor:
-    """Token runs of x [B, H, L, ...] as one tensor, cast once (a view if one run).
-
-    With ``keep`` (sorted local (start, stop) ranges) only those rows are
-    copied; the rest stay uninitialised, for rows no kernel block reads.
-    """
-    total = sum(n for _, n in runs)
-    if len(runs) == 1 and (dtype is None or dtype == x.dtype) and x.stride(-1) == 1:
-        a, n = runs[0]
-        return x[:, :, a : a + n]  # a view costs nothing, kept rows or not
-    dst = torch.empty((*x.shape[:2], total, *x.shape[3:]), dtype=dtype or x.dtype, device=x.device)
-    pos = 0
-    for a, n in runs:
-        for lo, hi in ((pos, pos + n),) if keep is None else keep:
-            lo, hi = max(lo, pos), min(hi, pos + n)
-            if lo < hi:
-                dst[:, :, lo:hi] = x[:, :, a + lo - pos : a + hi - pos]
-        pos += n
-    return dst
 
 
 def merge_combine(

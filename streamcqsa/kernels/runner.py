@@ -15,6 +15,9 @@ from torch import Tensor
 from streamcqsa.cqs.blocks import BlockList
 from streamcqsa.kernels.backend import Backend, get_backend
 from streamcqsa.kernels.merge import merge_partials
+from streamcqsa.kernels.tokens import Tokens, rows
+
+Local = Tensor | Tokens  # a task's local tokens, copied or viewed (``kernels.tokens``)
 
 
 @dataclass
@@ -34,7 +37,7 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(blocks: BlockList, q: Tensor, is_causal: bool | None) -> None:
+def _check(blocks: BlockList, q: Local, is_causal: bool | None) -> None:
     if is_causal is not None and bool(is_causal) != blocks.is_causal:
         raise ValueError(
             f"blocks were planned with is_causal={blocks.is_causal}, called with {is_causal}"
@@ -44,9 +47,9 @@ def _check(blocks: BlockList, q: Tensor, is_causal: bool | None) -> None:
 
 
 def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    q: Local,
+    k: Local,
+    v: Local,
     blocks: BlockList,
     is_causal: bool | None = None,
     scale: float | None = None,
@@ -83,16 +86,15 @@ def forward(
         lse.fill_(float("-inf"))
     bh = q.shape[0] * q.shape[1]
     for b in blocks.blocks:
-        rows = slice(b.q_start, b.q_stop)
         o, s = be.block_forward(
-            q[:, :, rows].to(dev),
-            k[:, :, b.k_start : b.k_stop].to(dev),
-            v[:, :, b.k_start : b.k_stop].to(dev),
+            rows(q, b.q_start, b.q_stop).to(dev),
+            rows(k, b.k_start, b.k_stop).to(dev),
+            rows(v, b.k_start, b.k_stop).to(dev),
             causal=b.causal,
             scale=scale,
         )
         o, s = o.to(out.device), s.to(out.device)
-        dst = (out[:, :, rows], lse[:, :, rows])
+        dst = (out[:, :, b.q_start : b.q_stop], lse[:, :, b.q_start : b.q_stop])
         if b.fresh:  # merging into the identity would give these same bits
             dst[0].copy_(o)
             dst[1].copy_(s)
@@ -104,12 +106,12 @@ def forward(
 
 
 def backward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    dout: Tensor,
-    out: Tensor,
-    lse: Tensor,
+    q: Local,
+    k: Local,
+    v: Local,
+    dout: Local,
+    out: Local,
+    lse: Local,
     blocks: BlockList,
     is_causal: bool | None = None,
     scale: float | None = None,
@@ -131,16 +133,17 @@ def backward(
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    out = out.to(q.dtype)
-    dout = dout.to(q.dtype)
     bh = q.shape[0] * q.shape[1]
     for b in blocks.blocks:
         qr = slice(b.q_start, b.q_stop)
         kr = slice(b.k_start, b.k_stop)
         gq, gk, gv = be.block_backward(
-            *(t.to(dev) for t in (dout[:, :, qr], q[:, :, qr], k[:, :, kr], v[:, :, kr])),
-            out[:, :, qr].to(dev),
-            lse[:, :, qr].to(dev),
+            rows(dout, b.q_start, b.q_stop).to(dev, q.dtype),
+            rows(q, b.q_start, b.q_stop).to(dev),
+            rows(k, b.k_start, b.k_stop).to(dev),
+            rows(v, b.k_start, b.k_stop).to(dev),
+            rows(out, b.q_start, b.q_stop).to(dev, q.dtype),
+            rows(lse, b.q_start, b.q_stop).to(dev),
             causal=b.causal,
             scale=scale,
         )

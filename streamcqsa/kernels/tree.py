@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from streamcqsa.cqs.divide import Node, Plan
-from streamcqsa.kernels.fold import fold, gather_runs, merge_combine, sum_partials
+from streamcqsa.kernels.fold import fold, merge_combine, sum_partials
 from streamcqsa.kernels.runner import accumulator_dtype
+from streamcqsa.kernels.tokens import leaf_tokens
 
 # (leaf, q, k, v, fill_empty=) -> (out, lse); (leaf, q, k, v, dout, out, lse) -> (dq, dk, dv)
 LeafRun = Callable[..., tuple[Tensor, ...]]
@@ -33,17 +34,17 @@ def forward_tree(
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of ``node`` [B,H,rows,...]; ``qkv`` hold ``base``'s tokens
     (default: ``node``'s), and leaves see them cast to ``dtype`` (only the
-    rows and keys their blocks read are copied)."""
+    rows and keys their blocks read are copied, and none that a view serves)."""
     base = node if base is None else base
     if node.is_leaf:
         runs = plan.local_runs(node, base)
-        rows, keys = plan.used_ranges(node)
+        used, crossing = plan.used_ranges(node), plan.crossing_ranges(node)
         q, k, v = qkv
         return leaf(  # type: ignore[return-value]
             node,
-            gather_runs(q, runs, dtype, rows),
-            gather_runs(k, runs, dtype, keys),
-            gather_runs(v, runs, dtype, keys),
+            leaf_tokens(q, runs, dtype, used[0], crossing[0]),
+            leaf_tokens(k, runs, dtype, used[1], crossing[1]),
+            leaf_tokens(v, runs, dtype, used[1], crossing[1]),
             fill_empty=node is base,  # only a partial that leaves this call is read whole
         )
     parts = {
@@ -72,16 +73,16 @@ def backward_tree(
     base = node if base is None else base
     if node.is_leaf:
         runs = plan.local_runs(node, base)
-        rows, keys = plan.used_ranges(node)
+        (rows, keys), (xrows, xkeys) = plan.used_ranges(node), plan.crossing_ranges(node)
         q, k, v, dout, out, lse = xs
         return leaf(  # type: ignore[return-value]
             node,
-            gather_runs(q, runs, dtype, rows),
-            gather_runs(k, runs, dtype, keys),
-            gather_runs(v, runs, dtype, keys),
-            gather_runs(dout, runs, dtype, rows),
-            gather_runs(out, runs, dtype, rows),
-            gather_runs(lse, runs, None, rows),
+            leaf_tokens(q, runs, dtype, rows, xrows),
+            leaf_tokens(k, runs, dtype, keys, xkeys),
+            leaf_tokens(v, runs, dtype, keys, xkeys),
+            leaf_tokens(dout, runs, dtype, rows, xrows),
+            leaf_tokens(out, runs, dtype, rows, xrows),
+            leaf_tokens(lse, runs, None, rows, xrows),
         )
     parts = {
         c: backward_tree(plan, plan.by_path[c], xs, leaf, dtype, base=base) for c in node.children

@@ -341,9 +341,7 @@ def _merge_piece(ctx: Context, unit: Unit) -> None:
             shape: tuple[int, ...] = (1, heads.stop - heads.start, z0 - a0)
             if name != "lse":
                 shape += (lay.problem.head_dim,)
-            dst[name] = torch.full(
-                shape, -math.inf if name == "lse" else 0.0, dtype=torch.float32
-            )
+            dst[name] = torch.full(shape, -math.inf if name == "lse" else 0.0, dtype=torch.float32)
         for a, z, pieces in jobs:
             out = tuple(dst[n][:, :, a - a0 : z - a0] for n in names)
             if fwd:

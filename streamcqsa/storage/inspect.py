@@ -99,9 +99,7 @@ class Run:
                 for g in range(lay.groups)
             ]
             out.append(
-                TaskStatus(
-                    node.name, node.path, kind, node.length, int(done[idx].sum()), len(idx)
-                )
+                TaskStatus(node.name, node.path, kind, node.length, int(done[idx].sum()), len(idx))
             )
         return out
 
