@@ -237,6 +237,22 @@ def test_changed_inputs_are_caught(tmp_path):
         run_backward(path, np.ones((1, 2, 200, 16), np.float32), progress=False)
 
 
+def test_local_fingerprint_equals_the_zarr_one(tmp_path):
+    """The direct-file fingerprint must hash exactly what zarr's store API
+    sees, or every store created before it would read as changed."""
+    from streamcqsa.storage.store import fingerprint
+
+    path = tmp_path / "s"
+    create_random(path, seq_len=3000, heads=2, head_dim=16, dtype="bfloat16", chunk_tokens=512)
+    run(path, itr=1, progress=False)
+    g = zarr.open_group(path)
+    assert fingerprint(g) == fingerprint(g, local=False)
+    (path / "k" / "c" / "0" / "0" / "1" / "0.partial").write_bytes(b"junk")  # an orphan
+    assert fingerprint(g) == fingerprint(g, local=False)
+    g["k"][0, 0, 700, 3] = 7.0
+    assert fingerprint(g) == fingerprint(g, local=False)
+
+
 def test_create_refuses_bad_input_and_writes_nothing(tmp_path):
     path = tmp_path / "s"
     q = np.random.default_rng(0).standard_normal((1, 4, 64, 8)).astype(np.float32)

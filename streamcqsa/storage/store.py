@@ -289,7 +289,7 @@ def _remove(path: Any) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def fingerprint(group: zarr.Group) -> str:
+def fingerprint(group: zarr.Group, *, local: bool = True) -> str:
     """Digest of the inputs: every stored chunk's key and crc32c trailer.
 
     Each chunk already ends in the crc32c of its bytes, so hashing the 4-byte
@@ -320,10 +320,34 @@ def fingerprint(group: zarr.Group) -> str:
     for name in INPUTS:
         arr = group[name]
         h.update(repr((name, arr.shape, arr.chunks, str(arr.dtype))).encode())
-        for key, tail in sync(trailers(arr)):
+        fast = _local_trailers(arr) if local else None
+        for key, tail in fast if fast is not None else sync(trailers(arr)):
             h.update(key.encode())
             h.update(tail)
     return h.hexdigest()
+
+
+def _local_trailers(arr: Any) -> list[tuple[str, bytes]] | None:
+    """The same (key, trailer) list straight from the files of a local store:
+    a few microseconds per chunk instead of an event-loop round trip each."""
+    from zarr.storage import LocalStore
+
+    if not isinstance(arr.store, LocalStore):
+        return None
+    base = Path(arr.store.root) / arr.path / "c"
+    out = []
+    for dirpath, _, files in os.walk(base):
+        rel = Path(dirpath).relative_to(base).as_posix()
+        prefix = f"{arr.path}/c/" + ("" if rel == "." else rel + "/")
+        for f in files:
+            if f.endswith(".partial"):
+                continue
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(size - 4, 0))
+                out.append((prefix + f, fh.read()))
+    out.sort()
+    return out
 
 
 def _finish_inputs(group: zarr.Group, problem: Problem) -> None:
