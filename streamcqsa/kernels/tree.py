@@ -31,11 +31,19 @@ def forward_tree(
     dtype: torch.dtype,
     *,
     base: Node | None = None,
+    on_rows: Callable[[int, int, Tensor, Tensor], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of ``node`` [B,H,rows,...]; ``qkv`` hold ``base``'s tokens
     (default: ``node``'s), and leaves see them cast to ``dtype`` (only the
-    rows and keys their blocks read are copied, and none that a view serves)."""
+    rows and keys their blocks read are copied, and none that a view serves).
+
+    With ``on_rows(a, z, out, lse)`` each of ``node``'s merge ranges is folded
+    as soon as its last child is done and reported final, so a caller can
+    write finished rows while later children still compute (the same folds,
+    so the same bits)."""
     base = node if base is None else base
+    if on_rows is not None and not node.is_leaf:
+        return _forward_streamed(plan, node, qkv, leaf, dtype, base, on_rows)
     if node.is_leaf:
         runs = plan.local_runs(node, base)
         used, crossing = plan.used_ranges(node), plan.crossing_ranges(node)
@@ -58,6 +66,53 @@ def forward_tree(
         torch.empty(shape[:-1], dtype=acc, device=q.device),
     )
     return fold(plan.merge_sources(node), parts, out, merge_combine, (0.0, -math.inf))  # type: ignore[return-value]
+
+
+def _forward_streamed(
+    plan: Plan,
+    node: Node,
+    qkv: tuple[Tensor, Tensor, Tensor],
+    leaf: LeafRun,
+    dtype: torch.dtype,
+    base: Node,
+    on_rows: Callable[[int, int, Tensor, Tensor], None],
+) -> tuple[Tensor, Tensor]:
+    q = qkv[0]
+    shape = (*q.shape[:2], node.length, q.shape[3])
+    acc = accumulator_dtype(dtype)
+    out = (
+        torch.empty(shape, dtype=acc, device=q.device),
+        torch.empty(shape[:-1], dtype=acc, device=q.device),
+    )
+    sources = plan.merge_sources(node)
+    waiting = [{path for path, _ in src.sources} for src in sources]
+    uses = {c: sum(c in w for w in waiting) for c in node.children}
+    parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+
+    def ready(done: tuple[int, ...] | None) -> None:
+        for i, src in enumerate(sources):
+            if done is not None:
+                if done not in waiting[i]:
+                    continue
+                waiting[i].discard(done)
+            elif src.sources:
+                continue
+            if waiting[i]:
+                continue
+            fold((src,), parts, out, merge_combine, (0.0, -math.inf))
+            on_rows(src.start, src.start + src.length, *out)
+            for path, _ in src.sources:  # free a child once nothing reads it
+                uses[path] -= 1
+                if not uses[path]:
+                    del parts[path]
+
+    ready(None)  # rows no child reaches
+    for c in node.children:
+        parts[c] = forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base)  # type: ignore[assignment]
+        if not uses[c]:
+            del parts[c]
+        ready(c)
+    return out
 
 
 def backward_tree(

@@ -30,6 +30,7 @@ from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.pipeline.guardrail import Guardrail, block_bytes, task_bytes
 from streamcqsa.pipeline.worker import executor, leaf_done
+from streamcqsa.pipeline.writeback import ChunkWriter
 from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_names, read_runs
 from streamcqsa.storage.store import open_group
 
@@ -262,16 +263,33 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
     leaves = _Leaves(ctx, unit, dt)
     ts = 0.0
 
+    def write(a: int, z: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        arrays.write_rows(unit.node, "out", unit.b, unit.g, a, out[:, :, a:z])
+        arrays.write_rows(unit.node, "lse", unit.b, unit.g, a, lse[:, :, a:z])
+
+    if node.is_leaf:  # nothing is final before the leaf's kernel ends
+        writer = None
+    else:
+        writer = ChunkWriter(write, node.length, lay.chunk)
+
     def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         nonlocal ts
         ts = time.perf_counter()
-        return forward_tree(lay.plan, node, xs, leaves.forward, dt)  # type: ignore[arg-type]
+        rows = None if writer is None else writer.rows
+        return forward_tree(lay.plan, node, xs, leaves.forward, dt, on_rows=rows)  # type: ignore[arg-type]
 
-    out, lse = _compute(ctx, functools.partial(compute, qkv))
+    try:
+        out, lse = _compute(ctx, functools.partial(compute, qkv))
+    except BaseException:
+        if writer is not None:
+            writer.finish(failed=True)
+        raise
     del qkv
     t2 = time.perf_counter()
-    arrays.write_rows(unit.node, "out", unit.b, unit.g, 0, out)
-    arrays.write_rows(unit.node, "lse", unit.b, unit.g, 0, lse)
+    if writer is None:
+        write(0, node.length, out, lse)
+    else:
+        writer.finish()  # most chunks were written during the compute
     leaves.add_stages(t1 - t0, ts - t1, t2 - ts, time.perf_counter() - t2)
 
 
