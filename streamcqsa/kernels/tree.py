@@ -32,6 +32,7 @@ def forward_tree(
     *,
     base: Node | None = None,
     on_rows: Callable[[int, int, Tensor, Tensor], None] | None = None,
+    before: Callable[[Node], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of ``node`` [B,H,rows,...]; ``qkv`` hold ``base``'s tokens
     (default: ``node``'s), and leaves see them cast to ``dtype`` (only the
@@ -40,11 +41,14 @@ def forward_tree(
     With ``on_rows(a, z, out, lse)`` each of ``node``'s merge ranges is folded
     as soon as its last child is done and reported final, so a caller can
     write finished rows while later children still compute (the same folds,
-    so the same bits)."""
+    so the same bits). ``before(leaf)`` runs before each leaf reads its
+    tokens (a pipeline unit waits there for the rows still being read)."""
     base = node if base is None else base
     if on_rows is not None and not node.is_leaf:
-        return _forward_streamed(plan, node, qkv, leaf, dtype, base, on_rows)
+        return _forward_streamed(plan, node, qkv, leaf, dtype, base, on_rows, before)
     if node.is_leaf:
+        if before is not None:
+            before(node)
         runs = plan.local_runs(node, base)
         used, crossing = plan.used_ranges(node), plan.crossing_ranges(node)
         q, k, v = qkv
@@ -56,7 +60,8 @@ def forward_tree(
             fill_empty=node is base,  # only a partial that leaves this call is read whole
         )
     parts = {
-        c: forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base) for c in node.children
+        c: forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base, before=before)
+        for c in node.children
     }
     q = qkv[0]
     shape = (*q.shape[:2], node.length, q.shape[3])
@@ -76,6 +81,7 @@ def _forward_streamed(
     dtype: torch.dtype,
     base: Node,
     on_rows: Callable[[int, int, Tensor, Tensor], None],
+    before: Callable[[Node], None] | None,
 ) -> tuple[Tensor, Tensor]:
     q = qkv[0]
     shape = (*q.shape[:2], node.length, q.shape[3])
@@ -108,7 +114,9 @@ def _forward_streamed(
 
     ready(None)  # rows no child reaches
     for c in node.children:
-        parts[c] = forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base)  # type: ignore[assignment]
+        parts[c] = forward_tree(  # type: ignore[assignment]
+            plan, plan.by_path[c], qkv, leaf, dtype, base=base, before=before
+        )
         if not uses[c]:
             del parts[c]
         ready(c)

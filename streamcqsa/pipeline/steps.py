@@ -29,6 +29,7 @@ from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.pipeline.guardrail import Guardrail, block_bytes, task_bytes
+from streamcqsa.pipeline.readahead import ReadAhead
 from streamcqsa.pipeline.worker import executor, leaf_done
 from streamcqsa.pipeline.writeback import ChunkWriter
 from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_names, read_runs
@@ -144,6 +145,20 @@ def compute_threads(ctx: Context) -> int:
     return ctx.threads or max(1, (os.cpu_count() or 1) // max(1, ctx.n_cap))
 
 
+def overlaps_io(ctx: Context) -> bool:
+    """Whether a unit reads ahead and writes back on threads of its own.
+
+    Only where those threads do not take cores from the compute: on a GPU,
+    or when the compute slots leave a core free. On a CPU whose cores all
+    compute, reads and writes from the page cache are memcpy work, and a
+    thread doing them beside the kernels slowed them by 4% on 2 cores, more
+    than the overlap saved.
+    """
+    if ctx.device.startswith("cuda"):
+        return True
+    return (os.cpu_count() or 1) > compute_threads(ctx) * max(1, ctx.n_cap)
+
+
 def _compute(ctx: Context, fn: Any) -> Any:
     """Run ``fn`` on one of the pass's compute slots (see ``pipeline.worker``)."""
     pool = executor(ctx.run_id, ctx.device, ctx.n_cap, distributed=ctx.distributed)
@@ -256,9 +271,24 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
     dt = get_backend(ctx.backend, _device(ctx)).compute_dtype(_dtype(p), _device(ctx))
     t0 = time.perf_counter()
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
-    qkv = tuple(
-        read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p) for n in ("q", "k", "v")
-    )
+    reader = None
+    stream = overlaps_io(ctx) and not node.is_leaf
+    if not stream:
+        qkv = tuple(
+            read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p)
+            for n in ("q", "k", "v")
+        )
+    else:  # the first leaves start while the rest is read
+        heads = {"q": qh, "k": kh, "v": kh}
+        reader = ReadAhead(
+            lay.plan,
+            node,
+            [(arrays.array(n), heads[n]) for n in ("q", "k", "v")],
+            unit.b,
+            p.dtype,
+            lay.chunk,
+        )
+        qkv = reader.tensors
     t1 = time.perf_counter()
     leaves = _Leaves(ctx, unit, dt)
     ts = 0.0
@@ -267,7 +297,7 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
         arrays.write_rows(unit.node, "out", unit.b, unit.g, a, out[:, :, a:z])
         arrays.write_rows(unit.node, "lse", unit.b, unit.g, a, lse[:, :, a:z])
 
-    if node.is_leaf:  # nothing is final before the leaf's kernel ends
+    if not stream:
         writer = None
     else:
         writer = ChunkWriter(write, node.length, lay.chunk)
@@ -276,21 +306,38 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
         nonlocal ts
         ts = time.perf_counter()
         rows = None if writer is None else writer.rows
-        return forward_tree(lay.plan, node, xs, leaves.forward, dt, on_rows=rows)  # type: ignore[arg-type]
+        wait = None if reader is None else reader.wait
+        return forward_tree(  # type: ignore[return-value]
+            lay.plan,
+            node,
+            xs,  # type: ignore[arg-type]
+            leaves.forward,
+            dt,
+            on_rows=rows,
+            before=wait,
+        )
 
     try:
         out, lse = _compute(ctx, functools.partial(compute, qkv))
     except BaseException:
+        if reader is not None:
+            reader.finish(failed=True)
         if writer is not None:
             writer.finish(failed=True)
         raise
     del qkv
+    read_s, waited = t1 - t0, 0.0
+    if reader is not None:
+        reader.finish()
+        read_s, waited = reader.read_s, reader.waited_s
+        ts += waited  # time spent waiting for rows is read time, not fold time
+        reader = None
     t2 = time.perf_counter()
     if writer is None:
         write(0, node.length, out, lse)
     else:
         writer.finish()  # most chunks were written during the compute
-    leaves.add_stages(t1 - t0, ts - t1, t2 - ts, time.perf_counter() - t2)
+    leaves.add_stages(read_s, ts - t1 - waited, t2 - ts, time.perf_counter() - t2)
 
 
 def _task_backward(ctx: Context, unit: Unit) -> None:

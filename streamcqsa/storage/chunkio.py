@@ -102,13 +102,26 @@ def _read_into(path: Path, dst: np.ndarray) -> bool:
     return True
 
 
-def read(arr: Any, sel: tuple) -> np.ndarray:
-    """``arr[sel]`` for basic selections; checks every chunk's crc32c."""
-    if not fast_path(arr):
-        return np.asarray(checked_read(arr, sel))
+def read(arr: Any, sel: tuple, out: np.ndarray | None = None) -> np.ndarray:
+    """``arr[sel]`` for basic selections; checks every chunk's crc32c.
+
+    With ``out`` (shaped like the selection with every dimension kept) the
+    data lands there, whole chunks straight from their files.
+    """
     bounds, keep = _norm(arr, sel)
+    if out is not None:
+        want = tuple(z - a for a, z in bounds)
+        if out.shape != want or out.dtype != np.dtype(arr.dtype):
+            raise ValueError(f"out is {out.dtype}{out.shape}, the selection {arr.dtype}{want}")
+    if not fast_path(arr):
+        data = np.asarray(checked_read(arr, sel))
+        if out is None:
+            return data
+        out[...] = data.reshape(out.shape)
+        return out
     dtype = np.dtype(arr.dtype)
-    out = np.empty([z - a for a, z in bounds], dtype=dtype)
+    if out is None:
+        out = np.empty([z - a for a, z in bounds], dtype=dtype)
     coords = _chunks(arr, bounds)
     fill = arr.metadata.fill_value
     places = []
