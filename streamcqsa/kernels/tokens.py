@@ -76,7 +76,9 @@ class Tokens:
     def to(self, device: torch.device | str) -> Tensor | Tokens:
         """Itself on its own device; elsewhere one copy of just the used rows
         (moving the whole source for one task would move far more)."""
-        if torch.device(device) == self.device:
+        want = torch.device(device)
+        here = self.device
+        if want.type == here.type and want.index in (None, here.index):
             return self
         return gather_runs(self._x, self._runs, None, self._used).to(device)
 

@@ -6,6 +6,11 @@ needs only a few store chunks (2 of 8 for the root at itr=2). Here a thread
 reads the pieces (the node's runs cut at store chunk boundaries) in the
 order the subtree's leaves first need them, straight into the unit's
 buffers, and each leaf waits only for the pieces its tokens lie in.
+
+With a device the unit's buffers live there: each piece is read into one of
+a few reused pinned host slots and copied on a copy stream, and a leaf's
+kernels wait on that copy's event on the device, not on the host. Host
+memory is then the pinned slots alone, whatever the unit's size.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from streamcqsa.cqs.divide import Node, Plan
 from streamcqsa.storage import chunkio
-from streamcqsa.storage.layout import stored_dtype, to_torch
+from streamcqsa.storage.layout import stored_dtype, to_torch, torch_dtype
 
 Piece = tuple[int, int, int]  # (local start, local stop, global start)
 
@@ -81,16 +86,22 @@ class ReadAhead:
         batch: int,
         dtype_name: str,
         chunk: int,
+        device: torch.device | None = None,
     ) -> None:
         cut = pieces(node, chunk)
         self._order, self._need = schedule(plan, node, cut)
         self._cut, self._sources, self._b = cut, list(sources), batch
         np_dtype = np.dtype(stored_dtype(dtype_name))
-        self._buffers = [
-            np.empty((1, h.stop - h.start, node.length, *arr.shape[3:]), dtype=np_dtype)
-            for arr, h in self._sources
-        ]
-        self.tensors = tuple(to_torch(buf, dtype_name) for buf in self._buffers)
+        shapes = [(1, h.stop - h.start, node.length, *arr.shape[3:]) for arr, h in self._sources]
+        self._copy: DeviceCopy | None = None
+        if device is None:
+            self._buffers = [np.empty(shape, dtype=np_dtype) for shape in shapes]
+            self.tensors = tuple(to_torch(buf, dtype_name) for buf in self._buffers)
+        else:
+            self._copy = DeviceCopy(device, dtype_name, len(shapes))
+            self.tensors = tuple(
+                torch.empty(shape, dtype=torch_dtype(dtype_name), device=device) for shape in shapes
+            )
         self._done = 0
         self._error: BaseException | None = None
         self._stop = False
@@ -108,9 +119,17 @@ class ReadAhead:
                 if self._stop:
                     return
                 la, lz, ga = self._cut[i]
-                for (arr, h), buf in zip(self._sources, self._buffers, strict=True):
+                for j, (arr, h) in enumerate(self._sources):
                     sel = (slice(self._b, self._b + 1), h, slice(ga, ga + lz - la))
-                    chunkio.read(arr, sel, out=buf[:, :, la:lz])
+                    if self._copy is None:
+                        chunkio.read(arr, sel, out=self._buffers[j][:, :, la:lz])
+                    else:
+                        shape = (1, h.stop - h.start, lz - la, *arr.shape[3:])
+                        host = self._copy.slot(j, shape)
+                        chunkio.read(arr, sel, out=host.numpy)
+                        self._copy.send(j, host, self.tensors[j][:, :, la:lz])
+                if self._copy is not None:
+                    self._copy.mark(i)
                 with self._cond:
                     self._done += 1
                     self._cond.notify_all()
@@ -133,7 +152,15 @@ class ReadAhead:
             raise self._error
 
     def wait(self, leaf: Node) -> None:
-        self._wait_for(self._need[leaf.path])
+        count = self._need[leaf.path]
+        self._wait_for(count)
+        if self._copy is not None and count:
+            self._copy.wait(self._order[count - 1])
+
+    @property
+    def h2d_s(self) -> float:
+        """Copy-stream time of the pieces (after ``finish``; 0 without a device)."""
+        return 0.0 if self._copy is None else self._copy.elapsed()
 
     def finish(self, *, failed: bool = False) -> None:
         """Stop (after a failure) or wait for the reader; raise its error."""
@@ -142,3 +169,92 @@ class ReadAhead:
         self._thread.join()
         if self._error is not None and not failed:
             raise self._error
+
+
+class _Slot:
+    """A pinned host buffer viewed as numpy (for reads) and torch (for copies)."""
+
+    def __init__(self, nbytes: int, pinned: bool) -> None:
+        self.raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.event: Any = None  # the last copy out of this slot
+
+    def view(self, shape: tuple[int, ...], dtype: torch.dtype, np_dtype: np.dtype) -> _Staged:
+        n = int(np.prod(shape)) * np_dtype.itemsize
+        t = self.raw[:n].view(dtype).view(shape)
+        return _Staged(t, self.raw[:n].numpy().view(np_dtype).reshape(shape), self)
+
+
+class _Staged:
+    def __init__(self, tensor: torch.Tensor, array: np.ndarray, slot: _Slot) -> None:
+        self.tensor, self.numpy, self.slot = tensor, array, slot
+
+
+class DeviceCopy:
+    """Host-to-device copies on a stream of their own, through reused pinned
+    slots (``per_source`` rings of two), each copy ordered by an event.
+
+    On a CPU device the same calls copy synchronously (no streams, no
+    pinning): the same bookkeeping, testable without a GPU.
+    """
+
+    def __init__(self, device: torch.device, dtype_name: str, per_source: int) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self._dtype = torch_dtype(dtype_name)
+        self._np = np.dtype(stored_dtype(dtype_name))
+        self._rings: list[list[_Slot]] = [[] for _ in range(per_source)]
+        self._turn = [0] * per_source
+        self._marks: dict[int, Any] = {}
+        self._timing: list[tuple[Any, Any]] = []
+        self._start: Any = None
+
+    def slot(self, source: int, shape: tuple[int, ...]) -> _Staged:
+        """A free pinned buffer for one piece of one source."""
+        nbytes = int(np.prod(shape)) * self._np.itemsize
+        ring = self._rings[source]
+        if len(ring) < 2:
+            ring.append(_Slot(nbytes, self.cuda))
+        i = self._turn[source] = (self._turn[source] + 1) % len(ring)
+        slot = ring[i]
+        if slot.event is not None:
+            slot.event.synchronize()  # its previous copy has left it
+        if slot.raw.numel() < nbytes:
+            slot = ring[i] = _Slot(nbytes, self.cuda)
+        return slot.view(shape, self._dtype, self._np)
+
+    def send(self, source: int, host: _Staged, dst: torch.Tensor) -> None:
+        if not self.cuda:
+            dst.copy_(host.tensor)
+            return
+        with torch.cuda.stream(self.stream):
+            if self._start is None:
+                self._start = torch.cuda.Event(enable_timing=True)
+                self._start.record(self.stream)
+            dst.copy_(host.tensor, non_blocking=True)
+            host.slot.event = torch.cuda.Event()
+            host.slot.event.record(self.stream)
+
+    def mark(self, piece: int) -> None:
+        """Record that ``piece`` is fully sent (all sources)."""
+        if not self.cuda:
+            self._marks[piece] = None
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self.stream)
+        self._marks[piece] = ev
+
+    def wait(self, piece: int) -> None:
+        """The compute stream waits (on the device) for ``piece`` and all before it."""
+        ev = self._marks[piece]
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def elapsed(self) -> float:
+        """Span of the copy stream, first copy to last (gaps waiting for reads
+        included)."""
+        if not self.cuda or self._start is None or not self._marks:
+            return 0.0
+        last = list(self._marks.values())[-1]
+        last.synchronize()
+        return self._start.elapsed_time(last) / 1e3

@@ -173,13 +173,23 @@ class _Leaves:
     """Runs a unit's leaves through the device guardrail (whole, or block by
     block) and times them apart from slot waits and the unit's folds."""
 
-    def __init__(self, ctx: Context, unit: Unit, dt: torch.dtype) -> None:
+    def __init__(self, ctx: Context, unit: Unit, dt: torch.dtype, on_device: bool = False) -> None:
         self.ctx, self.unit = ctx, unit
+        self.on_device = on_device  # partials stay on the device for the unit's folds
         self.dev = _device(ctx)
         self.be = get_backend(ctx.backend, self.dev)
         self.size = torch.empty((), dtype=dt).element_size()
         self.compute = 0.0  # inside kernels (and their transfers)
         self.guarded = 0.0  # the same plus waiting for a device slot
+        self._events: list[tuple[Any, Any]] = []  # on-device leaves: kernel spans
+
+    def device_seconds(self) -> float | None:
+        """Device time of the on-device leaves' kernels (async: host timers
+        would only see the launches); None when leaves ran synchronously."""
+        if not self._events:
+            return None
+        self._events[-1][1].synchronize()
+        return sum(a.elapsed_time(b) for a, b in self._events) / 1e3
 
     def _guarded(self, leaf: Node, fn: Any, tensors: tuple[torch.Tensor, ...]) -> Any:
         lay = self.ctx.layout
@@ -190,9 +200,16 @@ class _Leaves:
 
         def timed(f: Any) -> Any:
             t = time.perf_counter()
+            span = None
+            if self.on_device:
+                span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                span[0].record()
             try:
                 return f()
             finally:
+                if span is not None:
+                    span[1].record()
+                    self._events.append(span)
                 self.compute += time.perf_counter() - t
 
         def run_whole() -> Any:
@@ -211,14 +228,20 @@ class _Leaves:
         leaf_done(self.ctx.run_id)
         return result
 
-    def add_stages(self, read: float, wait: float, tree: float, write: float) -> None:
-        """Leaf kernels, waits for a unit or device slot, and the in-memory folds."""
+    def add_stages(
+        self, read: float, wait: float, tree: float, write: float, **extra: float
+    ) -> None:
+        """Leaf kernels, waits for a unit or device slot, and the in-memory folds
+        (on a device: kernel time from events, folds and launches the rest)."""
+        dev = self.device_seconds()
+        compute = self.compute if dev is None else dev
         self.ctx.stages.add(
             read=read,
-            compute=self.compute,
+            compute=compute,
             queue=wait + self.guarded - self.compute,
-            fold=tree - self.guarded,
+            fold=max(0.0, tree - self.guarded) if dev is None else max(0.0, tree - dev),
             write=write,
+            **extra,
         )
 
     def forward(
@@ -238,6 +261,8 @@ class _Leaves:
                 block_device=block_device,
                 fill_empty=fill_empty,
             )
+            if self.on_device:
+                return out, lse
             return out.cpu(), lse.cpu()
 
         return self._guarded(leaf, fn, qkv)
@@ -273,6 +298,7 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
     reader = None
     stream = overlaps_io(ctx) and not node.is_leaf
+    on_device = stream and ctx.device.startswith("cuda")  # the whole unit lives there
     if not stream:
         qkv = tuple(
             read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p)
@@ -287,15 +313,21 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
             unit.b,
             p.dtype,
             lay.chunk,
+            device=_device(ctx) if on_device else None,
         )
         qkv = reader.tensors
     t1 = time.perf_counter()
-    leaves = _Leaves(ctx, unit, dt)
+    leaves = _Leaves(ctx, unit, dt, on_device=on_device)
     ts = 0.0
 
+    d2h = [0.0]
+
     def write(a: int, z: int, out: torch.Tensor, lse: torch.Tensor) -> None:
-        arrays.write_rows(unit.node, "out", unit.b, unit.g, a, out[:, :, a:z])
-        arrays.write_rows(unit.node, "lse", unit.b, unit.g, a, lse[:, :, a:z])
+        t = time.perf_counter()
+        o, s = out[:, :, a:z].cpu(), lse[:, :, a:z].cpu()  # no-ops on CPU
+        d2h[0] += time.perf_counter() - t
+        arrays.write_rows(unit.node, "out", unit.b, unit.g, a, o)
+        arrays.write_rows(unit.node, "lse", unit.b, unit.g, a, s)
 
     if not stream:
         writer = None
@@ -327,17 +359,20 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
         raise
     del qkv
     read_s, waited = t1 - t0, 0.0
+    reader_h2d = 0.0
     if reader is not None:
         reader.finish()
-        read_s, waited = reader.read_s, reader.waited_s
+        read_s, waited, reader_h2d = reader.read_s, reader.waited_s, reader.h2d_s
         ts += waited  # time spent waiting for rows is read time, not fold time
-        reader = None
     t2 = time.perf_counter()
     if writer is None:
         write(0, node.length, out, lse)
     else:
         writer.finish()  # most chunks were written during the compute
-    leaves.add_stages(read_s, ts - t1 - waited, t2 - ts, time.perf_counter() - t2)
+    extra = {}
+    if on_device:
+        extra = {"h2d": reader_h2d, "d2h": d2h[0]}
+    leaves.add_stages(read_s, ts - t1 - waited, t2 - ts, time.perf_counter() - t2, **extra)
 
 
 def _task_backward(ctx: Context, unit: Unit) -> None:
@@ -399,6 +434,10 @@ def _merge_piece(ctx: Context, unit: Unit) -> None:
             )
         jobs.append((a, z, pieces))
 
+    # merges run where the engine's folds run: exp and log round differently
+    # on a GPU, and the pipeline must give the engine's bits
+    dev = _device(ctx) if ctx.device.startswith("cuda") else torch.device("cpu")
+
     def combine(jobs: list) -> dict[str, torch.Tensor]:
         dst = {}
         for name in names:
@@ -406,18 +445,20 @@ def _merge_piece(ctx: Context, unit: Unit) -> None:
             shape: tuple[int, ...] = (1, heads.stop - heads.start, z0 - a0)
             if name != "lse":
                 shape += (lay.problem.head_dim,)
-            dst[name] = torch.full(shape, -math.inf if name == "lse" else 0.0, dtype=torch.float32)
+            fill = -math.inf if name == "lse" else 0.0
+            dst[name] = torch.full(shape, fill, dtype=torch.float32, device=dev)
         for a, z, pieces in jobs:
             out = tuple(dst[n][:, :, a - a0 : z - a0] for n in names)
+            pieces = [tuple(t.to(dev) for t in pc) for pc in pieces]
             if fwd:
                 merge_partials([(pc[0], pc[1]) for pc in pieces], out=out)  # type: ignore[arg-type]
             else:
                 sum_partials(pieces, out=out)
-        return dst
+        return {n: t.cpu() for n, t in dst.items()}
 
     work = functools.partial(combine, jobs)
     del jobs
-    dst = _compute(ctx, work) if not ctx.device.startswith("cuda") else work()
+    dst = _compute(ctx, work) if dev.type == "cpu" else work()
     del work
     for name in names:
         arrays.write_rows(unit.node, name, unit.b, unit.g, a0, dst[name])

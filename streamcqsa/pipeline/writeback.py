@@ -4,7 +4,8 @@ A unit's node folds each merge range once its last child is done
 (``kernels.tree``). With the cyclic quorum most store chunks of the node are
 final before the last child starts (4 of 7 at quorum 3), so writing them on
 this thread hides most of the write behind that child's kernels instead of
-adding it after the compute.
+adding it after the compute. On a GPU the rows are copied back here too,
+on this thread, once the device has finished them.
 """
 
 from __future__ import annotations
@@ -30,26 +31,40 @@ class ChunkWriter:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._tensors: tuple[Tensor, Tensor] | None = None
+        self._stream: torch.cuda.Stream | None = None
         self._thread = threading.Thread(target=self._loop, name="streamcqsa-writeback", daemon=True)
         self._thread.start()
 
     def rows(self, a: int, z: int, out: Tensor, lse: Tensor) -> None:
-        """Rows [a, z) of (out, lse) are final (called on the compute thread)."""
-        self._jobs.put((a, z, out, lse))
+        """Rows [a, z) of (out, lse) are final (called on the compute thread;
+        on a GPU, once the kernels queued so far have run)."""
+        done = None
+        if out.is_cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(out.device))
+        self._jobs.put((a, z, out, lse, done))
 
     def _loop(self) -> None:
         torch.set_num_threads(1)  # no second OpenMP team beside the compute's
         while (job := self._jobs.get()) is not None:
             if self._error is not None:
                 continue
-            a, z, out, lse = job
+            a, z, out, lse, done = job
             self._tensors = (out, lse)
             try:
+                if done is not None:
+                    done.synchronize()
+                    if self._stream is None:  # copies off the compute's stream
+                        self._stream = torch.cuda.Stream(out.device)
                 for j in range(a // self._chunk, -(-z // self._chunk)):
                     lo, hi = j * self._chunk, min((j + 1) * self._chunk, self._length)
                     self._left[j] -= min(z, hi) - max(a, lo)
                     if self._left[j] == 0:
-                        self._write(lo, hi, out, lse)
+                        if self._stream is None:
+                            self._write(lo, hi, out, lse)
+                        else:
+                            with torch.cuda.stream(self._stream):
+                                self._write(lo, hi, out, lse)
             except BaseException as e:  # noqa: BLE001 - re-raised by finish()
                 self._error = e
             job = None
