@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import zarr
 
 from streamcqsa import attention
 from streamcqsa.pipeline import run
@@ -31,6 +32,58 @@ def cuda_time(fn) -> tuple[float, float]:  # noqa: ANN001
     return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
 
 
+def guardrail_rows(L: int) -> list[dict]:
+    """The pipeline under ``set_per_process_memory_fraction`` below what q, k, v
+    alone need: one SDPA call must fail, the run must finish and verify."""
+    if L <= 0:
+        return []
+    from streamcqsa.pipeline import verify
+
+    rows: list[dict] = []
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 8, L, 64, generator=g, dtype=torch.float16) for _ in range(3))
+    tmp = Path(tempfile.mkdtemp(prefix="scqsa-guard-"))
+    store = tmp / "store"
+    create(store, q, k, v, is_causal=True)
+    need = 3 * q.numel() * q.element_size()
+    cap = need * 2 // 3  # the inputs alone do not fit
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        try:
+            qc, kc, vc = (x.cuda() for x in (q, k, v))
+            F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
+            single = "fits (cap too high)"
+        except torch.cuda.OutOfMemoryError:
+            single = "OOM"
+        qc = kc = vc = None
+        torch.cuda.empty_cache()
+        stats: dict = {}
+
+        def go() -> None:
+            stats.update(run(store, itr=2, device="cuda", progress=False))
+
+        t, m = cuda_time(go)
+        err = verify(store, rows=32)
+        rows.append(
+            {
+                "L": L,
+                "what": f"pipeline itr=2 under a {cap / 2**30:.1f} GiB cap",
+                "s": t,
+                "ratio": float("nan"),
+                "peak_gib": m,
+                "note": f"one SDPA call: {single}; units {stats['plan']['units']}; "
+                f"guardrail {stats['guardrail']}; verify {err}",
+            }
+        )
+        print(rows[-1], flush=True)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seq-lens", default="1048576,2097152")
@@ -39,6 +92,12 @@ def main() -> None:
         type=int,
         default=1048576,
         help="largest L also run through the store pipeline",
+    )
+    ap.add_argument(
+        "--guard-len",
+        type=int,
+        default=1048576,
+        help="L of the run under a memory cap that one SDPA call cannot meet (0: skip)",
     )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
@@ -81,26 +140,33 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
         if L <= a.pipeline_max:
-            store = zarr.storage.MemoryStore()
+            tmp = Path(tempfile.mkdtemp(prefix="scqsa-gpu-"))
+            store = tmp / "store"  # on local disk: the page cache serves the reads
             create(store, q.cpu(), k.cpu(), v.cpu(), is_causal=True)
             del q, k, v
             torch.cuda.empty_cache()
             for itr in (1, 2):
-                t, m = cuda_time(
-                    partial(
-                        run, store, itr=itr, device="cuda", progress=False, restart=True, workers=2
-                    )
-                )
+                stats: dict = {}
+
+                def go(itr: int = itr, stats: dict = stats, store: Path = store) -> None:
+                    stats.update(run(store, itr=itr, device="cuda", progress=False, restart=True))
+
+                t, m = cuda_time(go)
+                st = stats.get("stages", {})
                 rows.append(
                     {
                         "L": L,
-                        "what": f"pipeline itr={itr} (host store)",
+                        "what": f"pipeline itr={itr} (disk store)",
                         "s": t,
                         "ratio": t / sdpa_s,
                         "peak_gib": m,
+                        "note": "units {units}, unit depth {unit_depth}; ".format(**stats["plan"])
+                        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(st.items())),
                     }
                 )
                 print(rows[-1], flush=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    rows += guardrail_rows(a.guard_len)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(
@@ -111,11 +177,12 @@ def main() -> None:
         "",
         "B=1, H=8, D=64, causal, fp16. Ratio = time / SDPA time at the same L.",
         "",
-        "| L | what | s | ratio | peak GiB |",
-        "|---|---|---|---|---|",
+        "| L | what | s | ratio | peak GiB | note |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['L']} | {r['what']} | {r['s']:.2f} | {r['ratio']:.2f} | {r['peak_gib']:.1f} |"
+        f"| {r['L']} | {r['what']} | {r['s']:.2f} | {r['ratio']:.2f} | {r['peak_gib']:.1f} "
+        f"| {r.get('note', '')} |"
         for r in rows
     ]
     (out / "gpu.md").write_text("\n".join(lines) + "\n")

@@ -131,6 +131,20 @@ def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> 
     return best
 
 
+def default_task_bytes(device: str, n_cap: int, kind: str) -> int:
+    """Memory one unit may take: 256 MiB of host memory, or on a GPU (forward,
+    where the unit lives on the device) 40% of what this process may allocate
+    there, per resident unit."""
+    if device.startswith("cuda") and kind == FWD:
+        dev = torch.device(device)
+        allowed = torch.cuda.get_device_properties(dev).total_memory
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:  # a cap set by set_per_process_memory_fraction
+            allowed = int(allowed * fraction(dev))
+        return int(0.4 * allowed / max(1, n_cap))
+    return 256 << 20
+
+
 def choose_units(
     plan: Plan, problem: Problem, head_group: int | None, budget_bytes: int, kind: str
 ) -> tuple[int, int]:
@@ -375,7 +389,7 @@ def run(
     progress: bool = True,
     restart: bool = False,
     head_group: int | None = None,
-    task_bytes: int = 256 << 20,
+    task_bytes: int | None = None,
     unit_depth: int | str | None = "auto",
     check_inputs: bool = True,
     n_cap: int | None = None,
@@ -397,7 +411,9 @@ def run(
     device) and writes only its own partial. ``"auto"`` takes the shallowest
     depth whose units fit ``task_bytes`` of host memory (fewest partials to
     write and read back); ``None`` or ``itr`` stores every leaf's partial (finest
-    resume, and every partial to inspect).
+    resume, and every partial to inspect). ``task_bytes`` defaults to 256 MiB,
+    and on a GPU to 40% of the device's memory per resident unit: there a
+    forward unit lives on the device and the host holds only staging slots.
     """
     guard = {"n_cap": n_cap, "budget_bytes": device_memory, "inject_oom": inject_oom}
     return _run_pass(
@@ -431,7 +447,7 @@ def run_backward(
     keep_partials: bool = True,
     progress: bool = True,
     restart: bool = False,
-    task_bytes: int = 256 << 20,
+    task_bytes: int | None = None,
     unit_depth: int | str | None = "auto",
     check_inputs: bool = True,
     n_cap: int | None = None,
@@ -537,6 +553,8 @@ def _run_pass(
     if guard.get("n_cap") is None:
         guard["n_cap"] = 2 if device.startswith("cuda") else 1
     Guardrail(n_cap=guard["n_cap"])  # validates n_cap before any work
+    if task_bytes is None:
+        task_bytes = default_task_bytes(device, guard["n_cap"], kind)
     if itr == "auto":
         itr, head_group, guard = _auto_plan(store_path, device, head_group, guard or {})
     if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
