@@ -294,6 +294,8 @@ def overlap_rows(L: int, delay: float, itr: int) -> list[dict]:
     """``bench/overlap.py``'s three runs, with the pipeline's own unit choice and,
     if it offers one, with every leaf its own unit (the most I/O to hide)."""
     variants: list[tuple[str, dict]] = [("units: pipeline default", {})]
+    if "overlap_io" in inspect.signature(run).parameters:  # slow storage: read ahead
+        variants = [("units: pipeline default, overlap_io=True", {"overlap_io": True})]
     if "unit_depth" in inspect.signature(run).parameters:
         variants.append(("units: every leaf", {"unit_depth": None}))
     rows = []

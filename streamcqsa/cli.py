@@ -96,6 +96,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         progress=not a.no_progress,
         restart=a.restart,
         unit_depth=a.unit_depth,
+        overlap_io={"auto": None, "on": True, "off": False}[a.overlap_io],
     )
     _print_stats(stats)
     return 0
@@ -339,6 +340,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-partials", action="store_true", help="delete partials when merged")
     s.add_argument("--restart", action="store_true", help="discard unfinished work of another plan")
     _add_unit_depth(s)
+    s.add_argument(
+        "--overlap-io",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="units read ahead and write back on threads of their own: 'auto' on a GPU "
+        "or with a spare core, 'on' for slow storage",
+    )
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_run)
 

@@ -78,17 +78,16 @@ def test_read_ahead_and_write_back_keep_the_bits(
     import zarr
 
     import streamcqsa
-    from streamcqsa.pipeline import run, steps
+    from streamcqsa.pipeline import run
     from streamcqsa.storage import create
     from streamcqsa.storage.layout import to_torch
 
-    monkeypatch.setattr(steps, "overlaps_io", lambda ctx: True)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, hh, 517, 32, generator=g).to(dtype) for hh in (4, 2, 2))
     out, lse = streamcqsa.attention(q, k, v, itr=itr, is_causal=causal, return_lse=True)
     path = tmp_path / "s"
     create(path, q, k, v, is_causal=causal, chunk_tokens=48)
-    stats = run(path, itr=itr, progress=False, head_group=1, unit_depth=unit_depth)
+    stats = run(path, itr=itr, progress=False, head_group=1, unit_depth=unit_depth, overlap_io=True)
     assert stats["units_run"] > 0
     grp = zarr.open_group(path, mode="r")
     name = str(dtype).removeprefix("torch.")

@@ -15,9 +15,12 @@ memory is then the pinned slots alone, whatever the unit's size.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,6 +31,7 @@ from streamcqsa.storage import chunkio
 from streamcqsa.storage.layout import stored_dtype, to_torch, torch_dtype
 
 Piece = tuple[int, int, int]  # (local start, local stop, global start)
+WINDOW = 4  # pieces being read at once: latency of slow storage overlaps
 
 
 def pieces(node: Node, chunk: int) -> list[Piece]:
@@ -114,31 +118,51 @@ class ReadAhead:
     def _loop(self) -> None:
         torch.set_num_threads(1)  # no second OpenMP team beside the compute's
         t0 = time.perf_counter()
+        pending: deque = deque()  # (piece, [(source, staged, future)]) in order
+        todo = iter(self._order)
+        pool = ThreadPoolExecutor(
+            max_workers=WINDOW * len(self._sources), thread_name_prefix="streamcqsa-read"
+        )
         try:
-            for i in self._order:
-                if self._stop:
-                    return
-                la, lz, ga = self._cut[i]
-                for j, (arr, h) in enumerate(self._sources):
-                    sel = (slice(self._b, self._b + 1), h, slice(ga, ga + lz - la))
-                    if self._copy is None:
-                        chunkio.read(arr, sel, out=self._buffers[j][:, :, la:lz])
-                    else:
-                        shape = (1, h.stop - h.start, lz - la, *arr.shape[3:])
-                        host = self._copy.slot(j, shape)
-                        chunkio.read(arr, sel, out=host.numpy)
-                        self._copy.send(j, host, self.tensors[j][:, :, la:lz])
+            for i in itertools.islice(todo, WINDOW):
+                pending.append((i, self._submit(pool, i)))
+            while pending and not self._stop:
+                i, reads = pending.popleft()
+                la, lz, _ = self._cut[i]
+                for j, staged, fut in reads:
+                    fut.result()
+                    if staged is not None:
+                        self._copy.send(j, staged, self.tensors[j][:, :, la:lz])  # type: ignore[union-attr]
                 if self._copy is not None:
                     self._copy.mark(i)
                 with self._cond:
                     self._done += 1
                     self._cond.notify_all()
+                for nxt in itertools.islice(todo, 1):
+                    pending.append((nxt, self._submit(pool, nxt)))
         except BaseException as e:  # noqa: BLE001 - raised to the waiting compute
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             self.read_s = time.perf_counter() - t0
+
+    def _submit(self, pool: ThreadPoolExecutor, i: int) -> list:
+        """Start reading piece ``i`` of every source (into its place, or into
+        a staging slot for the device)."""
+        la, lz, ga = self._cut[i]
+        reads = []
+        for j, (arr, h) in enumerate(self._sources):
+            sel = (slice(self._b, self._b + 1), h, slice(ga, ga + lz - la))
+            staged = None
+            if self._copy is None:
+                dst = self._buffers[j][:, :, la:lz]
+            else:
+                staged = self._copy.slot(j, (1, h.stop - h.start, lz - la, *arr.shape[3:]))
+                dst = staged.numpy
+            reads.append((j, staged, pool.submit(chunkio.read, arr, sel, out=dst)))
+        return reads
 
     def _wait_for(self, count: int) -> None:
         if self._done >= count and self._error is None:
@@ -191,7 +215,7 @@ class _Staged:
 
 class DeviceCopy:
     """Host-to-device copies on a stream of their own, through reused pinned
-    slots (``per_source`` rings of two), each copy ordered by an event.
+    slots (a ring of ``WINDOW + 1`` per source), each copy ordered by an event.
 
     On a CPU device the same calls copy synchronously (no streams, no
     pinning): the same bookkeeping, testable without a GPU.
@@ -213,7 +237,7 @@ class DeviceCopy:
         """A free pinned buffer for one piece of one source."""
         nbytes = int(np.prod(shape)) * self._np.itemsize
         ring = self._rings[source]
-        if len(ring) < 2:
+        if len(ring) < WINDOW + 1:  # a slot is reused only after its piece was sent
             ring.append(_Slot(nbytes, self.cuda))
         i = self._turn[source] = (self._turn[source] + 1) % len(ring)
         slot = ring[i]

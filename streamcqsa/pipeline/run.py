@@ -395,6 +395,7 @@ def run(
     n_cap: int | None = None,
     device_memory: int | None = None,
     inject_oom: Any = None,
+    overlap_io: bool | None = None,
 ) -> dict:
     """Exact CQS attention over a run store; writes ``out`` and ``lse``.
 
@@ -414,8 +415,20 @@ def run(
     resume, and every partial to inspect). ``task_bytes`` defaults to 256 MiB,
     and on a GPU to 40% of the device's memory per resident unit: there a
     forward unit lives on the device and the host holds only staging slots.
+
+    ``overlap_io``: each unit reads its inputs ahead of its leaves and writes
+    finished chunks during its compute, on threads of its own. ``None``
+    (default) does so on a GPU or when the compute leaves a core free; pass
+    ``True`` for slow storage, where reads wait rather than copy.
     """
-    guard = {"n_cap": n_cap, "budget_bytes": device_memory, "inject_oom": inject_oom}
+    if overlap_io is not None and not isinstance(overlap_io, bool):
+        raise TypeError(f"overlap_io must be True, False or None, got {overlap_io!r}")
+    guard = {
+        "n_cap": n_cap,
+        "budget_bytes": device_memory,
+        "inject_oom": inject_oom,
+        "overlap_io": overlap_io,
+    }
     return _run_pass(
         store_path,
         FWD,

@@ -80,6 +80,7 @@ class Context:
     n_cap: int = 2  # tasks resident per device (the guardrail lowers it on OOM)
     budget_bytes: int | None = None  # device memory budget the guardrail enforces
     inject_oom: Any = None  # test hook: (task name, n_cap) -> bool
+    overlap_io: bool | None = None  # read ahead / write back (None: see overlaps_io)
     run_id: str = ""
     stages: StageTimes = field(default_factory=lambda: StageTimes())
     counter: WorkCounter = field(default_factory=WorkCounter)
@@ -154,6 +155,8 @@ def overlaps_io(ctx: Context) -> bool:
     thread doing them beside the kernels slowed them by 4% on 2 cores, more
     than the overlap saved.
     """
+    if ctx.overlap_io is not None:
+        return ctx.overlap_io
     if ctx.device.startswith("cuda"):
         return True
     return (os.cpu_count() or 1) > compute_threads(ctx) * max(1, ctx.n_cap)
