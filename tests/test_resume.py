@@ -52,11 +52,13 @@ SHAPE = dict(seq_len=2048, heads=4, kv_heads=2, head_dim=32, is_causal=True, chu
 FWD_ARRAYS = ("out", "lse")
 BWD_ARRAYS = ("dq", "dk", "dv")
 
-# (dtype, keep_partials, unit_depth): fp32 stores every leaf's partial; the
+# (dtype, keep_partials, unit_depth, overlap_io): fp32 stores every leaf's partial; the
 # bf16 case runs depth-1 subtrees as units (in-memory folds, then stored
 # merges) and deletes partials as parents finish, so a kill can also land
-# between a node's merge and that cleanup.
-CASES = [("float32", True, None), ("bfloat16", False, 1)]
+# between a node's merge and that cleanup. The last case runs its forward
+# units with read-ahead and write-back threads (a kill can land while a unit
+# has written some of its chunks and not yet been marked done).
+CASES = [("float32", True, None, False), ("bfloat16", False, 1, False), ("float32", True, 1, True)]
 
 
 def _load_script():
@@ -71,6 +73,7 @@ class Reference:
     dtype: str
     keep_partials: bool
     unit_depth: int | None
+    overlap_io: bool
     base: Path  # freshly created store, never run
     fwd_base: Path  # the reference store right after its forward (backward not run)
     ref: Path  # forward and backward run uninterrupted
@@ -80,19 +83,22 @@ class Reference:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{d}-keep{k}-u{u}" for d, k, u in CASES])
+@pytest.fixture(
+    scope="module", params=CASES, ids=[f"{d}-keep{k}-u{u}-io{o}" for d, k, u, o in CASES]
+)
 def reference(request, tmp_path_factory) -> Reference:
-    dtype, keep, depth = request.param
+    dtype, keep, depth, overlap = request.param
     root = tmp_path_factory.mktemp(f"resume-{dtype}")
     base, ref, fwd_base = root / "base.zarr", root / "ref.zarr", root / "fwd_base.zarr"
     create_random(base, dtype=dtype, seed=7, **SHAPE)
     shutil.copytree(base, ref)
-    r = Reference(dtype, keep, depth, base, fwd_base, ref)
+    r = Reference(dtype, keep, depth, overlap, base, fwd_base, ref)
 
-    stats = run(ref, itr=ITR, keep_partials=keep, progress=False, unit_depth=depth)
+    io = True if overlap else None
+    stats = run(ref, itr=ITR, keep_partials=keep, progress=False, unit_depth=depth, overlap_io=io)
     assert stats["units_skipped"] == 0
     r.t_full["fwd"] = stats["seconds"]
-    stats = run(ref, itr=ITR, keep_partials=keep, progress=False, unit_depth=depth)
+    stats = run(ref, itr=ITR, keep_partials=keep, progress=False, unit_depth=depth, overlap_io=io)
     assert stats["units_run"] == 0, "rerunning a finished forward must do nothing"
     r.t_fixed["fwd"] = stats["seconds"]
     shutil.copytree(ref, fwd_base)
@@ -119,6 +125,7 @@ def reference(request, tmp_path_factory) -> Reference:
 def _command(path: Path, kind: str, r: Reference) -> list[str]:
     cmd = [sys.executable, str(SCRIPT), str(path), kind, "--itr", str(ITR)]
     cmd += ["--dout-seed", str(DOUT_SEED), "--unit-depth", str(r.unit_depth)]
+    cmd += ["--overlap-io"] if r.overlap_io and kind == "fwd" else []
     return cmd + ([] if r.keep_partials else ["--drop-partials"])
 
 

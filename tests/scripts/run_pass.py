@@ -1,6 +1,6 @@
 """Subprocess entry point for tests/test_resume.py: run (or resume) one pass.
 
-    python run_pass.py PATH fwd --itr N [--drop-partials] [--unit-depth D]
+    python run_pass.py PATH fwd --itr N [--drop-partials] [--unit-depth D] [--overlap-io]
     python run_pass.py PATH bwd --dout-seed S [--drop-partials] [--unit-depth D]
 
 Prints ``ready`` (flushed) once imports are done and just before the pass
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--force-dout", action="store_true", help="pass dout even when resuming")
     ap.add_argument(
+        "--overlap-io", action="store_true", help="forward units read ahead / write back"
+    )
+    ap.add_argument(
         "--kill-self-at-dout-block",
         type=int,
         default=None,
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=a.workers,
             progress=False,
             unit_depth=depth,
+            overlap_io=True if a.overlap_io else None,
         )
     else:
         store = open_run(a.path)
