@@ -106,6 +106,7 @@ class ReadAhead:
             self.tensors = tuple(
                 torch.empty(shape, dtype=torch_dtype(dtype_name), device=device) for shape in shapes
             )
+            self._copy.adopt(self.tensors)
         self._done = 0
         self._error: BaseException | None = None
         self._stop = False
@@ -165,7 +166,7 @@ class ReadAhead:
         return reads
 
     def _wait_for(self, count: int) -> None:
-        if self._done >= count and self._error is None:
+        if self._done >= count and self._error is None and not self._stop:
             return
         t = time.perf_counter()
         with self._cond:
@@ -187,10 +188,19 @@ class ReadAhead:
         return 0.0 if self._copy is None else self._copy.elapsed()
 
     def finish(self, *, failed: bool = False) -> None:
-        """Stop (after a failure) or wait for the reader; raise its error."""
+        """Stop (after a failure) or wait for the reader; raise its error.
+
+        After a failure a compute still waiting for pieces (the unit was
+        cancelled while it ran on another slot) is woken with the error."""
         if failed:
-            self._stop = True
+            with self._cond:
+                self._stop = True
+                if self._error is None:
+                    self._error = RuntimeError("the unit was cancelled")
+                self._cond.notify_all()
         self._thread.join()
+        if self._copy is not None and self._copy.cuda:
+            self._copy.stream.synchronize()  # no copy may outlive the buffers
         if self._error is not None and not failed:
             raise self._error
 
@@ -233,6 +243,17 @@ class DeviceCopy:
         self._timing: list[tuple[Any, Any]] = []
         self._start: Any = None
 
+    def adopt(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Device buffers allocated on the caller's stream become safe to fill
+        on the copy stream: it first waits for work queued before they were
+        handed out (their memory may have been freed by such work), and the
+        allocator learns they are in use there."""
+        if not self.cuda:
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in tensors:
+            t.record_stream(self.stream)
+
     def slot(self, source: int, shape: tuple[int, ...]) -> _Staged:
         """A free pinned buffer for one piece of one source."""
         nbytes = int(np.prod(shape)) * self._np.itemsize
@@ -253,10 +274,10 @@ class DeviceCopy:
             return
         with torch.cuda.stream(self.stream):
             if self._start is None:
-                self._start = torch.cuda.Event(enable_timing=True)
+                self._start = torch.cuda.Event(enable_timing=True, blocking=True)
                 self._start.record(self.stream)
             dst.copy_(host.tensor, non_blocking=True)
-            host.slot.event = torch.cuda.Event()
+            host.slot.event = torch.cuda.Event(blocking=True)  # waited on by the host
             host.slot.event.record(self.stream)
 
     def mark(self, piece: int) -> None:
@@ -264,7 +285,7 @@ class DeviceCopy:
         if not self.cuda:
             self._marks[piece] = None
             return
-        ev = torch.cuda.Event(enable_timing=True)
+        ev = torch.cuda.Event(enable_timing=True, blocking=True)
         ev.record(self.stream)
         self._marks[piece] = ev
 

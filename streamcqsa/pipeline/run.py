@@ -133,15 +133,17 @@ def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> 
 
 def default_task_bytes(device: str, n_cap: int, kind: str) -> int:
     """Memory one unit may take: 256 MiB of host memory, or on a GPU (forward,
-    where the unit lives on the device) 40% of what this process may allocate
-    there, per resident unit."""
+    where a unit lives on the device) 40% of what this process may still
+    allocate there, per resident unit."""
     if device.startswith("cuda") and kind == FWD:
         dev = torch.device(device)
         allowed = torch.cuda.get_device_properties(dev).total_memory
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         if fraction is not None:  # a cap set by set_per_process_memory_fraction
             allowed = int(allowed * fraction(dev))
-        return int(0.4 * allowed / max(1, n_cap))
+        used = torch.cuda.memory_allocated(dev)  # the caller's own tensors stay
+        free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - used
+        return int(0.4 * max(0, min(allowed - used, free)) / max(1, n_cap))
     return 256 << 20
 
 
@@ -566,10 +568,10 @@ def _run_pass(
     if guard.get("n_cap") is None:
         guard["n_cap"] = 2 if device.startswith("cuda") else 1
     Guardrail(n_cap=guard["n_cap"])  # validates n_cap before any work
-    if task_bytes is None:
-        task_bytes = default_task_bytes(device, guard["n_cap"], kind)
     if itr == "auto":
         itr, head_group, guard = _auto_plan(store_path, device, head_group, guard or {})
+    if task_bytes is None:
+        task_bytes = default_task_bytes(device, guard["n_cap"], kind)
     if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
         raise ValueError(f"itr must be a non-negative int or 'auto', got {itr!r}")
     group, problem, meta = open_group(store_path)

@@ -30,7 +30,7 @@ from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.pipeline.guardrail import Guardrail, block_bytes, task_bytes
 from streamcqsa.pipeline.readahead import ReadAhead
-from streamcqsa.pipeline.worker import executor, leaf_done
+from streamcqsa.pipeline.worker import device_units, executor, leaf_done
 from streamcqsa.pipeline.writeback import ChunkWriter
 from streamcqsa.storage.partials import FWD, Layout, RunArrays, Unit, partial_names, read_runs
 from streamcqsa.storage.store import open_group
@@ -206,12 +206,12 @@ class _Leaves:
             span = None
             if self.on_device:
                 span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                span[0].record()
+                span[0].record(torch.cuda.current_stream(self.dev))
             try:
                 return f()
             finally:
                 if span is not None:
-                    span[1].record()
+                    span[1].record(torch.cuda.current_stream(self.dev))
                     self._events.append(span)
                 self.compute += time.perf_counter() - t
 
@@ -293,36 +293,25 @@ class _Leaves:
 
 
 def _task_forward(ctx: Context, unit: Unit) -> None:
+    node = ctx.layout.plan.by_path[unit.node]
+    # on a GPU a unit's folds run on the device, as the engine's do (exp and
+    # log round differently there); at most n_cap units hold device buffers
+    if ctx.device.startswith("cuda") and not node.is_leaf:
+        with device_units(ctx.run_id, ctx.n_cap):
+            _forward_unit(ctx, unit, node, on_device=True)
+    else:
+        _forward_unit(ctx, unit, node, on_device=False)
+
+
+def _forward_unit(ctx: Context, unit: Unit, node: Node, *, on_device: bool) -> None:
     lay, arrays = ctx.layout, ctx.arrays
     p = lay.problem
-    node = lay.plan.by_path[unit.node]
-    dt = get_backend(ctx.backend, _device(ctx)).compute_dtype(_dtype(p), _device(ctx))
+    dev = _device(ctx)
+    dt = get_backend(ctx.backend, dev).compute_dtype(_dtype(p), dev)
     t0 = time.perf_counter()
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
-    reader = None
     stream = overlaps_io(ctx) and not node.is_leaf
-    on_device = stream and ctx.device.startswith("cuda")  # the whole unit lives there
-    if not stream:
-        qkv = tuple(
-            read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p)
-            for n in ("q", "k", "v")
-        )
-    else:  # the first leaves start while the rest is read
-        heads = {"q": qh, "k": kh, "v": kh}
-        reader = ReadAhead(
-            lay.plan,
-            node,
-            [(arrays.array(n), heads[n]) for n in ("q", "k", "v")],
-            unit.b,
-            p.dtype,
-            lay.chunk,
-            device=_device(ctx) if on_device else None,
-        )
-        qkv = reader.tensors
-    t1 = time.perf_counter()
-    leaves = _Leaves(ctx, unit, dt, on_device=on_device)
-    ts = 0.0
-
+    reader = writer = None
     d2h = [0.0]
 
     def write(a: int, z: int, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -332,49 +321,65 @@ def _task_forward(ctx: Context, unit: Unit) -> None:
         arrays.write_rows(unit.node, "out", unit.b, unit.g, a, o)
         arrays.write_rows(unit.node, "lse", unit.b, unit.g, a, s)
 
-    if not stream:
-        writer = None
-    else:
-        writer = ChunkWriter(write, node.length, lay.chunk)
-
-    def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        nonlocal ts
-        ts = time.perf_counter()
-        rows = None if writer is None else writer.rows
-        wait = None if reader is None else reader.wait
-        return forward_tree(  # type: ignore[return-value]
-            lay.plan,
-            node,
-            xs,  # type: ignore[arg-type]
-            leaves.forward,
-            dt,
-            on_rows=rows,
-            before=wait,
-        )
-
+    ok = False
     try:
+        if stream:  # the first leaves start while the rest is read
+            heads = {"q": qh, "k": kh, "v": kh}
+            reader = ReadAhead(
+                lay.plan,
+                node,
+                [(arrays.array(n), heads[n]) for n in ("q", "k", "v")],
+                unit.b,
+                p.dtype,
+                lay.chunk,
+                device=dev if on_device else None,
+            )
+            qkv = reader.tensors
+            writer = ChunkWriter(write, node.length, lay.chunk)
+        else:
+            qkv = tuple(
+                read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p)
+                for n in ("q", "k", "v")
+            )
+            if on_device:
+                qkv = tuple(t.to(dev) for t in qkv)
+        t1 = time.perf_counter()
+        leaves = _Leaves(ctx, unit, dt, on_device=on_device)
+        ts = 0.0
+
+        def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            nonlocal ts
+            ts = time.perf_counter()
+            return forward_tree(  # type: ignore[return-value]
+                lay.plan,
+                node,
+                xs,  # type: ignore[arg-type]
+                leaves.forward,
+                dt,
+                on_rows=None if writer is None else writer.rows,
+                before=None if reader is None else reader.wait,
+            )
+
         out, lse = _compute(ctx, functools.partial(compute, qkv))
-    except BaseException:
+        del qkv
+        read_s, waited, h2d = t1 - t0, 0.0, 0.0
         if reader is not None:
-            reader.finish(failed=True)
-        if writer is not None:
-            writer.finish(failed=True)
-        raise
-    del qkv
-    read_s, waited = t1 - t0, 0.0
-    reader_h2d = 0.0
-    if reader is not None:
-        reader.finish()
-        read_s, waited, reader_h2d = reader.read_s, reader.waited_s, reader.h2d_s
-        ts += waited  # time spent waiting for rows is read time, not fold time
-    t2 = time.perf_counter()
-    if writer is None:
-        write(0, node.length, out, lse)
-    else:
-        writer.finish()  # most chunks were written during the compute
-    extra = {}
-    if on_device:
-        extra = {"h2d": reader_h2d, "d2h": d2h[0]}
+            reader.finish()
+            read_s, waited, h2d = reader.read_s, reader.waited_s, reader.h2d_s
+            ts += waited  # time spent waiting for rows is read time, not fold time
+        t2 = time.perf_counter()
+        if writer is None:
+            write(0, node.length, out, lse)
+        else:
+            writer.finish()  # most chunks were written during the compute
+        ok = True
+    finally:
+        if not ok:
+            if reader is not None:
+                reader.finish(failed=True)
+            if writer is not None:
+                writer.finish(failed=True)
+    extra = {"h2d": h2d, "d2h": d2h[0]} if on_device else {}
     leaves.add_stages(read_s, ts - t1 - waited, t2 - ts, time.perf_counter() - t2, **extra)
 
 
@@ -404,6 +409,19 @@ def _task_backward(ctx: Context, unit: Unit) -> None:
     for name, t in zip(("dq", "dk", "dv"), grads, strict=True):
         arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)
     leaves.add_stages(t1 - t0, ts - t1, t2 - ts, time.perf_counter() - t2)
+
+
+_LOCAL = threading.local()
+
+
+def _side_stream(dev: torch.device) -> Any:
+    """This thread's own CUDA stream (tensors made and used on it alone)."""
+    streams = getattr(_LOCAL, "streams", None)
+    if streams is None:
+        streams = _LOCAL.streams = {}
+    if dev not in streams:
+        streams[dev] = torch.cuda.Stream(dev)
+    return streams[dev]
 
 
 def _dtype(p: Any) -> torch.dtype:
@@ -461,7 +479,11 @@ def _merge_piece(ctx: Context, unit: Unit) -> None:
 
     work = functools.partial(combine, jobs)
     del jobs
-    dst = _compute(ctx, work) if dev.type == "cpu" else work()
+    if dev.type == "cpu":
+        dst = _compute(ctx, work)
+    else:  # a side stream of this thread's own: no wait behind the units' kernels
+        with torch.cuda.stream(_side_stream(dev)):
+            dst = work()
     del work
     for name in names:
         arrays.write_rows(unit.node, name, unit.b, unit.g, a0, dst[name])

@@ -177,6 +177,19 @@ _POOLS: dict[tuple[str, int], DevicePool] = {}
 _LOCK = threading.Lock()
 
 
+_GATES: dict[str, threading.BoundedSemaphore] = {}  # run id -> on-device units allowed
+
+
+def device_units(run_id: str, n_cap: int) -> threading.BoundedSemaphore:
+    """At most ``n_cap`` units of a pass hold their buffers on the device at
+    once (a unit takes its slot before allocating, not when it computes)."""
+    with _LOCK:
+        gate = _GATES.get(run_id)
+        if gate is None:
+            gate = _GATES[run_id] = threading.BoundedSemaphore(max(1, n_cap))
+        return gate
+
+
 def register(run_id: str, slots: Any) -> None:
     with _LOCK:
         _SLOTS[run_id] = slots
@@ -186,6 +199,7 @@ def unregister(run_id: str) -> None:
     with _LOCK:
         _SLOTS.pop(run_id, None)
         _PROGRESS.pop(run_id, None)
+        _GATES.pop(run_id, None)
 
 
 def on_progress(run_id: str, update: Callable[[int], None]) -> None:

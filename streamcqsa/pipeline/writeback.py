@@ -38,9 +38,11 @@ class ChunkWriter:
     def rows(self, a: int, z: int, out: Tensor, lse: Tensor) -> None:
         """Rows [a, z) of (out, lse) are final (called on the compute thread;
         on a GPU, once the kernels queued so far have run)."""
+        if self._error is not None:  # stop the compute early: its result cannot be stored
+            raise self._error
         done = None
         if out.is_cuda:
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # the writer waits without spinning
             done.record(torch.cuda.current_stream(out.device))
         self._jobs.put((a, z, out, lse, done))
 

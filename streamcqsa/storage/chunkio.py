@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,67 @@ async def _gather(coros: list) -> list:
             return await c
 
     return list(await asyncio.gather(*(one(c) for c in coros)))
+
+
+def _whole_chunk_pieces(
+    arr: Any, bounds: list[tuple[int, int]], coord: tuple[int, ...], full: np.ndarray
+) -> list[np.ndarray] | None:
+    """A full (not edge) chunk of ``full`` as C-contiguous pieces in chunk
+    byte order, or None (edge chunk: it needs padding, so it is staged)."""
+    src = []
+    for (a, z), c, i, n in zip(bounds, arr.chunks, coord, arr.shape, strict=True):
+        lo, hi = i * c, min((i + 1) * c, n)
+        if lo < a or hi > z:
+            raise ValueError(f"write to {arr.path} covers chunk {coord} only in part")
+        if hi - lo < c:
+            return None
+        src.append(slice(lo - a, hi - a))
+    out: list[np.ndarray] = []
+    stack = [full[tuple(src)]]
+    while stack:  # split along leading axes until every piece is contiguous
+        v = stack.pop()
+        if v.flags.c_contiguous:
+            out.append(v)
+        else:
+            stack.extend(reversed(list(v)))
+    return out
+
+
+def _write_file(path: Path, pieces: list[np.ndarray]) -> None:
+    """Write pieces + crc32c trailer atomically (temp file, then rename), the
+    way zarr's LocalStore does, so readers never see a torn chunk and a kill
+    leaves only a ``*.partial`` orphan."""
+    crc = 0
+    views = []
+    for p in pieces:
+        b = p.reshape(-1).view(np.uint8)  # a view: p is C-contiguous
+        b.flags.writeable = False  # crc32c's extend takes read-only buffers only
+        crc = google_crc32c.extend(crc, b)
+        views.append(memoryview(b))
+    views.append(memoryview(np.uint32(crc).tobytes()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # umask applies
+        try:
+            want = sum(v.nbytes for v in views)
+            done = 0
+            while views:
+                n = os.writev(fd, views[:1024])
+                done += n
+                while views and n >= views[0].nbytes:  # drop what went out whole
+                    n -= views[0].nbytes
+                    views.pop(0)
+                if n:
+                    views[0] = views[0][n:]
+            if done != want:
+                raise OSError(f"short write to {tmp}")
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _local_root(arr: Any) -> Path | None:
@@ -178,7 +241,13 @@ def write(arr: Any, sel: tuple, data: np.ndarray) -> None:
     full = np.asarray(data, dtype=dtype).reshape([z - a for a, z in bounds])
     coros = []
     nbytes = int(np.prod(arr.chunks)) * dtype.itemsize
+    root = _local_root(arr)
     for coord in _chunks(arr, bounds):
+        if root is not None:
+            pieces = _whole_chunk_pieces(arr, bounds, coord, full)
+            if pieces is not None:  # straight from the caller's memory to the file
+                coros.append(asyncio.to_thread(_write_file, root / _key(arr, coord), pieces))
+                continue
         # one copy per chunk: the data goes straight into the encoded bytes
         raw = np.empty(nbytes + 4, dtype=np.uint8)
         chunk = raw[:nbytes].view(dtype).reshape(arr.chunks)
