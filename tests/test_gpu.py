@@ -65,8 +65,13 @@ def test_cuda_pipeline_equals_engine(tmp_path):
         assert np.array_equal(grp[name][:], gr.cpu().numpy()), name
 
 
-@pytest.mark.parametrize(("dtype", "itr", "unit_depth"), [("bfloat16", 3, 1), ("float16", 1, 0)])
-def test_cuda_units_on_device_keep_the_bits_and_report_stages(tmp_path, dtype, itr, unit_depth):
+@pytest.mark.parametrize(
+    ("dtype", "itr", "unit_depth", "overlap"),
+    [("bfloat16", 3, 1, None), ("float16", 1, 0, None), ("float16", 2, 0, False)],
+)
+def test_cuda_units_on_device_keep_the_bits_and_report_stages(
+    tmp_path, dtype, itr, unit_depth, overlap
+):
     """Units held on the device (read-ahead through pinned slots on a copy
     stream, folds on the device, write-back from a D2H stream): the engine's
     bits, and stage times for H2D, compute and D2H."""
@@ -76,9 +81,18 @@ def test_cuda_units_on_device_keep_the_bits_and_report_stages(tmp_path, dtype, i
     td = torch_dtype(dtype)
     q, k, v = (torch.randn(1, h, 2500, 64, generator=g).to(td) for h in (8, 2, 2))
     create(tmp_path / "s", q, k, v, is_causal=True, chunk_tokens=256)
-    stats = run(tmp_path / "s", itr=itr, device="cuda", progress=False, unit_depth=unit_depth)
+    stats = run(
+        tmp_path / "s",
+        itr=itr,
+        device="cuda",
+        progress=False,
+        unit_depth=unit_depth,
+        overlap_io=overlap,
+    )
     st = stats["stages"]
-    assert st["h2d"] > 0 and st["d2h"] > 0 and 0 < st["device_busy_fraction"] <= 1, st
+    assert st["d2h"] > 0 and st["device_busy_fraction"] > 0, st  # two slots may overlap
+    if overlap is None:  # read-ahead through the copy stream
+        assert st["h2d"] > 0, st
     out = streamcqsa.attention(q.cuda(), k.cuda(), v.cuda(), itr=itr, is_causal=True)
     got = to_torch(np.asarray(zarr.open_group(tmp_path / "s", mode="r")["out"][:]), dtype)
     assert torch.equal(got, out.cpu())
