@@ -32,6 +32,25 @@ def cuda_time(fn) -> tuple[float, float]:  # noqa: ANN001
     return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
 
 
+def predicted_gib(plan: dict, L: int, itr: int, n_cap: int) -> float:
+    """The planner's device bytes for the run's units (``unit_device_bytes``),
+    times the units that can be resident at once."""
+    from streamcqsa.cqs import divide
+    from streamcqsa.cqs.budget import unit_device_bytes
+
+    p = divide(L, itr, plan["quorums"] or 3, is_causal=True)
+    depth = plan["unit_depth"] if plan["unit_depth"] is not None else itr
+    units = [n for n in p.nodes if n.depth == depth and not n.is_leaf]
+    if not units:
+        return float("nan")
+    hg = plan["head_group"]
+    one = max(
+        unit_device_bytes(p, n, group_ratio=1, head_group=hg, head_dim=64, itemsize=2)
+        for n in units
+    )
+    return one * min(n_cap, plan["units"]) / 2**30
+
+
 def guardrail_rows(L: int) -> list[dict]:
     """The pipeline under ``set_per_process_memory_fraction`` below what q, k, v
     alone need: one SDPA call must fail, the run must finish and verify."""
@@ -153,6 +172,7 @@ def main() -> None:
 
                 t, m = cuda_time(go)
                 st = stats.get("stages", {})
+                pred = predicted_gib(stats["plan"], L, itr, stats["guardrail"]["n_cap"])
                 rows.append(
                     {
                         "L": L,
@@ -160,7 +180,9 @@ def main() -> None:
                         "s": t,
                         "ratio": t / sdpa_s,
                         "peak_gib": m,
+                        "predicted_gib": pred,
                         "note": "units {units}, unit depth {unit_depth}; ".format(**stats["plan"])
+                        + f"predicted device peak {pred:.2f} GiB ({pred / m - 1:+.0%}); "
                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(st.items())),
                     }
                 )

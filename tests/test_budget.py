@@ -152,3 +152,46 @@ def test_unit_choice_fits_the_host_budget(seq_len, itr, kv, r, budget, kind):
         assert need <= budget
     tighter, _ = choose_units(p, problem, None, budget // 3, kind)
     assert tighter >= depth
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seq_len=st.integers(1, 20_000),
+    itr=st.integers(0, 3),
+    kv=st.sampled_from([1, 2, 4]),
+    r=st.sampled_from([1, 2]),
+    budget=st.integers(10_000, 400 * MIB),
+    itemsize=st.sampled_from([2, 4]),
+)
+def test_gpu_unit_choice_fits_the_device_budget(seq_len, itr, kv, r, budget, itemsize):
+    """Forward units on a GPU are sized by their device bytes (inputs in the
+    compute dtype): every non-leaf unit chosen fits, a tighter budget never
+    makes units shallower, and device bytes grow with L and with heads."""
+    from streamcqsa.cqs.budget import unit_device_bytes
+    from streamcqsa.pipeline.run import choose_units
+    from streamcqsa.storage.layout import Problem
+
+    problem = Problem(
+        batch=1,
+        heads=kv * r,
+        kv_heads=kv,
+        seq_len=seq_len,
+        head_dim=32,
+        dtype="float16" if itemsize == 2 else "float32",
+        is_causal=True,
+        scale=32**-0.5,
+        chunk_tokens=512,
+    )
+    p = divide(seq_len, itr, 3, is_causal=True)
+    depth, hg = choose_units(p, problem, None, budget, "fwd", itemsize)
+    units = [n for n in p.nodes if n.depth == depth and not n.is_leaf]
+    kw = dict(group_ratio=r, head_dim=32, itemsize=itemsize)
+    if depth < itr:
+        assert all(unit_device_bytes(p, n, head_group=hg, **kw) <= budget for n in units)
+    tighter, _ = choose_units(p, problem, None, budget // 3, "fwd", itemsize)
+    assert tighter >= depth
+    root = p.root
+    one = unit_device_bytes(p, root, head_group=1, **kw)
+    assert unit_device_bytes(p, root, head_group=kv, **kw) >= one
+    longer = divide(seq_len * 2, itr, 3, is_causal=True)
+    assert unit_device_bytes(longer, longer.root, head_group=1, **kw) > one

@@ -327,6 +327,23 @@ def test_leaf_tokens_read_what_a_gather_reads(args: tuple[int, int, object, bool
 
 @settings(max_examples=40, deadline=None)
 @given(plans())
+def test_streamed_fold_rows_bounds(args: tuple[int, int, object, bool, int]) -> None:
+    """Folding ranges early and freeing children never needs more rows than
+    keeping every child to the end, and never fewer than the node plus its
+    largest child's own peak."""
+    L, itr, quorum, causal, tile = args
+    plan = divide(L, itr, quorum, is_causal=causal, tile=tile)
+    for node in plan.nodes:
+        got = plan.streamed_fold_rows(node)
+        if node.is_leaf:
+            assert got == node.length
+            continue
+        assert got <= plan.fold_rows(node) + node.length
+        assert got >= node.length + max(plan.fold_rows(plan.by_path[c]) for c in node.children)
+
+
+@settings(max_examples=40, deadline=None)
+@given(plans())
 def test_fold_rows_bounds(args: tuple[int, int, object, bool, int]) -> None:
     """The in-memory fold's peak holds at least the node and at most every
     node of its subtree at once."""

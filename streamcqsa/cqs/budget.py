@@ -84,6 +84,28 @@ def unit_host_bytes(
     return 4 * (node.length * per_in + rows * per_part + leaf * (per_in + per_part))
 
 
+def unit_device_bytes(
+    plan: Plan,
+    node: Node,
+    *,
+    group_ratio: int,
+    head_group: int,
+    head_dim: int,
+    itemsize: int,
+) -> int:
+    """Device bytes of a forward unit that lives on a GPU.
+
+    The node's inputs in the compute dtype, the fp32 partial rows its
+    streamed fold holds at its peak, and one leaf's gathered inputs (at
+    most) and kernel output in the compute dtype.
+    """
+    hq, hk, d = head_group * group_ratio, head_group, head_dim
+    leaf = plan.longest_leaf(node)
+    inputs = itemsize * (node.length + leaf) * d * (hq + 2 * hk)
+    partials = 4 * plan.streamed_fold_rows(node) * hq * (d + 1)
+    return inputs + partials + itemsize * leaf * hq * d
+
+
 def estimate(
     plan: Plan,
     *,

@@ -186,6 +186,31 @@ class Plan:
         """
         return self._subtree[node.path][0]
 
+    def streamed_fold_rows(self, node: Node) -> int:
+        """Peak partial rows of ``node``'s subtree when ``node`` folds each merge
+        range as soon as its holders are done and frees a child once nothing
+        reads it (``kernels.tree``, as GPU units run); its children fold as
+        usual. The node's own rows are held from the start."""
+        if node.is_leaf:
+            return node.length
+        sources = self.merge_sources(node)
+        waiting = [{p for p, _ in s.sources} for s in sources]
+        uses = {c: sum(c in w for w in waiting) for c in node.children}
+        held = peak = 0
+        for c in node.children:
+            child = self.by_path[c]
+            peak = max(peak, node.length + held + self.fold_rows(child))
+            held += child.length if uses[c] else 0
+            for i, w in enumerate(waiting):
+                if c in w:
+                    w.discard(c)
+                    if not w:
+                        for p, _ in sources[i].sources:
+                            uses[p] -= 1
+                            if not uses[p]:
+                                held -= self.by_path[p].length
+        return max(peak, node.length + held)
+
     def longest_leaf(self, node: Node) -> int:
         """Tokens of the longest leaf task in ``node``'s subtree."""
         return self._subtree[node.path][1]

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from dask.callbacks import Callback
 
-from streamcqsa.cqs.budget import unit_host_bytes
-from streamcqsa.cqs.divide import Plan, divide
+from streamcqsa.cqs.budget import unit_device_bytes, unit_host_bytes
+from streamcqsa.cqs.divide import Node, Plan, divide
 from streamcqsa.kernels.backend import get_backend
 from streamcqsa.pipeline import worker
 from streamcqsa.pipeline.graph import build_graph
 from streamcqsa.pipeline.guardrail import Guardrail
 from streamcqsa.pipeline.steps import Context, compute_threads
-from streamcqsa.storage.layout import INPUTS, Problem
+from streamcqsa.storage.layout import INPUTS, Problem, torch_dtype
 from streamcqsa.storage.lock import StoreLock
 from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays
 from streamcqsa.storage.store import StoreError, fingerprint, open_group, update_meta
@@ -148,41 +148,52 @@ def default_task_bytes(device: str, n_cap: int, kind: str) -> int:
 
 
 def choose_units(
-    plan: Plan, problem: Problem, head_group: int | None, budget_bytes: int, kind: str
+    plan: Plan,
+    problem: Problem,
+    head_group: int | None,
+    budget_bytes: int,
+    kind: str,
+    device_itemsize: int | None = None,
 ) -> tuple[int, int]:
     """(unit_depth, head_group): the shallowest stored level whose task units fit
-    the host budget, with the largest head group that fits there.
+    the budget, with the largest head group that fits there.
 
     Every stored level costs a write and a read of fp32 partials, while a task
     unit folds its subtree in memory for free, so shallow units are fastest;
     head groups add no work or I/O, so they are split first to get there.
     Splitting heads further only to have more units to overlap I/O with was
     measured slower on CPU (kernels over fewer heads parallelise worse); with
-    slow storage, pass a smaller ``head_group``.
+    slow storage, pass a smaller ``head_group``. With ``device_itemsize`` the
+    budget is device memory and non-leaf units are sized as they live on a GPU.
     """
     groups = (
         [head_group]
         if head_group is not None
         else sorted(d for d in range(1, problem.kv_heads + 1) if problem.kv_heads % d == 0)[::-1]
     )
+
+    def need(n: Node, hg: int) -> int:
+        if device_itemsize is not None and not n.is_leaf:
+            return unit_device_bytes(
+                plan,
+                n,
+                group_ratio=problem.group_ratio,
+                head_group=hg,
+                head_dim=problem.head_dim,
+                itemsize=device_itemsize,
+            )
+        return unit_host_bytes(
+            plan,
+            n,
+            group_ratio=problem.group_ratio,
+            head_group=hg,
+            head_dim=problem.head_dim,
+            kind=kind,
+        )
+
     for depth in range(plan.itr + 1):
         tasks = [n for n in plan.nodes if n.depth == depth or (n.is_leaf and n.depth < depth)]
-        fits = [
-            hg
-            for hg in groups
-            if max(
-                unit_host_bytes(
-                    plan,
-                    n,
-                    group_ratio=problem.group_ratio,
-                    head_group=hg,
-                    head_dim=problem.head_dim,
-                    kind=kind,
-                )
-                for n in tasks
-            )
-            <= budget_bytes
-        ]
+        fits = [hg for hg in groups if max(need(n, hg) for n in tasks) <= budget_bytes]
         if fits:
             return depth, fits[0]
     if head_group is None:
@@ -215,6 +226,7 @@ def _layout(
     task_bytes: int,
     unit_depth: int | str | None,
     kind: str,
+    device: str = "cpu",
 ) -> Layout:
     plan = divide(problem.seq_len, itr, quorum, is_causal=problem.is_causal)
     if head_group is not None and (
@@ -225,7 +237,11 @@ def _layout(
     ):
         raise ValueError(f"head_group {head_group} must divide kv_heads {problem.kv_heads}")
     if unit_depth == "auto":
-        unit_depth, head_group = choose_units(plan, problem, head_group, task_bytes, kind)
+        on_gpu = device.startswith("cuda") and kind == FWD  # forward units live there
+        itemsize = torch.empty((), dtype=torch_dtype(problem.dtype)).element_size()
+        unit_depth, head_group = choose_units(
+            plan, problem, head_group, task_bytes, kind, itemsize if on_gpu else None
+        )
     elif unit_depth is not None and (
         isinstance(unit_depth, bool) or not isinstance(unit_depth, int) or unit_depth < 0
     ):
@@ -579,7 +595,7 @@ def _run_pass(
     get_backend(backend, device)  # fail early on an unknown or unavailable backend
     if unit_depth == "auto" and not restart:
         unit_depth, head_group = _resume_units(meta.get(kind), problem, itr, quorum, head_group)
-    layout = _layout(problem, itr, quorum, head_group, task_bytes, unit_depth, kind)
+    layout = _layout(problem, itr, quorum, head_group, task_bytes, unit_depth, kind, device)
     with StoreLock(store_path):
         group, problem, meta = open_group(store_path)  # state as of holding the lock
         return _locked_pass(

@@ -361,7 +361,7 @@ def _forward_unit(ctx: Context, unit: Unit, node: Node, *, on_device: bool) -> N
                 xs,  # type: ignore[arg-type]
                 leaves.forward,
                 dt,
-                on_rows=None if writer is None else writer.rows,
+                on_rows=writer.rows if writer is not None else _keep if on_device else None,
                 before=None if reader is None else reader.wait,
             )
 
@@ -414,6 +414,11 @@ def _task_backward(ctx: Context, unit: Unit) -> None:
     for name, t in zip(("dq", "dk", "dv"), grads, strict=True):
         arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)
     leaves.add_stages(t1 - t0, ts - t1, t2 - ts, time.perf_counter() - t2)
+
+
+def _keep(*_: Any) -> None:
+    """Rows reported final with nobody writing them early: still lets a
+    unit's fold free each child as soon as it is folded (device memory)."""
 
 
 _LOCAL = threading.local()
