@@ -63,14 +63,18 @@ def forward_tree(
         c: forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base, before=before)
         for c in node.children
     }
-    q = qkv[0]
+    out = _partial(qkv[0], node, dtype)
+    return fold(plan.merge_sources(node), parts, out, merge_combine, (0.0, -math.inf))  # type: ignore[return-value]
+
+
+def _partial(q: Tensor, node: Node, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Uninitialised (out, lse) accumulators for ``node``'s rows."""
     shape = (*q.shape[:2], node.length, q.shape[3])
     acc = accumulator_dtype(dtype)
-    out = (
+    return (
         torch.empty(shape, dtype=acc, device=q.device),
         torch.empty(shape[:-1], dtype=acc, device=q.device),
     )
-    return fold(plan.merge_sources(node), parts, out, merge_combine, (0.0, -math.inf))  # type: ignore[return-value]
 
 
 def _forward_streamed(
@@ -83,13 +87,7 @@ def _forward_streamed(
     on_rows: Callable[[int, int, Tensor, Tensor], None],
     before: Callable[[Node], None] | None,
 ) -> tuple[Tensor, Tensor]:
-    q = qkv[0]
-    shape = (*q.shape[:2], node.length, q.shape[3])
-    acc = accumulator_dtype(dtype)
-    out = (
-        torch.empty(shape, dtype=acc, device=q.device),
-        torch.empty(shape[:-1], dtype=acc, device=q.device),
-    )
+    out = _partial(qkv[0], node, dtype)
     sources = plan.merge_sources(node)
     waiting = [{path for path, _ in src.sources} for src in sources]
     uses = {c: sum(c in w for w in waiting) for c in node.children}
