@@ -123,7 +123,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_bench needs CUDA")
     gpu = torch.cuda.get_device_name()
-    rows = []
+    rows: list[dict] = []
+
+    def save() -> None:
+        print(rows[-1], flush=True)
+        write_tables(rows, a.out, gpu)
+
     for L in (int(x) for x in a.seq_lens.split(",")):
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (
@@ -146,6 +151,7 @@ def main() -> None:
                     "peak_gib": sdpa_mem,
                 }
             )
+            save()
             for itr in (1, 2):
                 t, m = cuda_time(partial(attention, q, k, v, itr=itr, is_causal=True))
                 rows.append(
@@ -157,7 +163,7 @@ def main() -> None:
                         "peak_gib": m,
                     }
                 )
-                print(rows[-1], flush=True)
+                save()
         if L <= a.pipeline_max:
             tmp = Path(tempfile.mkdtemp(prefix="scqsa-gpu-"))
             store = tmp / "store"  # on local disk: the page cache serves the reads
@@ -170,7 +176,21 @@ def main() -> None:
                 def go(itr: int = itr, stats: dict = stats, store: Path = store) -> None:
                     stats.update(run(store, itr=itr, device="cuda", progress=False, restart=True))
 
-                t, m = cuda_time(go)
+                try:
+                    t, m = cuda_time(go)
+                except Exception as e:  # noqa: BLE001 - record it and go on
+                    rows.append(
+                        {
+                            "L": L,
+                            "what": f"pipeline itr={itr} (disk store)",
+                            "s": float("nan"),
+                            "ratio": float("nan"),
+                            "peak_gib": float("nan"),
+                            "note": f"failed: {type(e).__name__}: {e}",
+                        }
+                    )
+                    save()
+                    continue
                 st = stats.get("stages", {})
                 pred = predicted_gib(stats["plan"], L, itr, stats["guardrail"]["n_cap"])
                 rows.append(
@@ -186,10 +206,28 @@ def main() -> None:
                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(st.items())),
                     }
                 )
-                print(rows[-1], flush=True)
+                save()
             shutil.rmtree(tmp, ignore_errors=True)
-    rows += guardrail_rows(a.guard_len)
-    out = Path(a.out)
+    try:
+        rows += guardrail_rows(a.guard_len)
+    except Exception as e:  # noqa: BLE001 - record it; the rows so far still count
+        rows.append(
+            {
+                "L": a.guard_len,
+                "what": "memory-cap run",
+                "s": float("nan"),
+                "ratio": float("nan"),
+                "peak_gib": float("nan"),
+                "note": f"failed: {type(e).__name__}: {e}",
+            }
+        )
+    save()
+
+
+def write_tables(rows: list[dict], out_dir: str, gpu: str) -> None:
+    """gpu.json and gpu.md with every row so far (rewritten after each row, so
+    a run cut short by its time limit still leaves its figures)."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(
         json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=2)
@@ -208,7 +246,6 @@ def main() -> None:
         for r in rows
     ]
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
