@@ -76,7 +76,7 @@ def _leaves(plan: Plan, node: Node) -> list[Node]:
 
 
 class ReadAhead:
-    """Buffers for ``names`` over ``node``'s tokens, filled on a reader thread.
+    """Buffers for ``sources`` over ``node``'s tokens, filled on a reader thread.
 
     ``tensors`` are the unit's inputs (logical dtype, rows not yet read are
     uninitialised); ``wait(leaf)`` returns once every row that leaf reads is in.
