@@ -262,3 +262,21 @@ def test_nonfinite_dout_is_refused(tmp_path):
         run_backward(path, dout, progress=False)
     with pytest.raises(StoreError, match="no complete dout"):
         run_backward(path, progress=False)
+
+
+def test_orphans_are_cleaned_outside_the_inputs(tmp_path):
+    """A run removes killed writers' temp files wherever passes write, and
+    does not walk the input arrays, which passes never write."""
+    from streamcqsa.pipeline.run import clean_orphans
+
+    path = tmp_path / "s"
+    _small(path)
+    run(path, itr=1, progress=False)
+    planted = [path / "out" / "c" / "0" / "0" / "0" / "0.abc.partial", path / "stray.partial"]
+    for f in planted:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"torn")
+    inputs_junk = path / "q" / "c" / "0" / "0" / "0" / "0.abc.partial"
+    inputs_junk.write_bytes(b"torn")
+    assert clean_orphans(path) == 2
+    assert not any(f.exists() for f in planted) and inputs_junk.exists()

@@ -37,13 +37,22 @@ from streamcqsa.storage.store import StoreError, fingerprint, open_group, update
 
 
 def clean_orphans(path: Any) -> int:
-    """Remove ``*.partial`` temp files that killed writers leave behind."""
+    """Remove ``*.partial`` temp files that killed writers leave behind.
+
+    Passes never write q, k or v (only a finished ``create`` makes a usable
+    store), so their chunk trees, most of a big store's files, are not walked.
+    """
     if not isinstance(path, (str, os.PathLike)):
         return 0
     n = 0
-    for f in Path(path).rglob("*.partial"):
-        f.unlink(missing_ok=True)
-        n += 1
+    for entry in Path(path).iterdir():
+        if entry.name in INPUTS and entry.is_dir():
+            continue
+        found = entry.rglob("*.partial") if entry.is_dir() else [entry]
+        for f in found:
+            if f.name.endswith(".partial"):
+                f.unlink(missing_ok=True)
+                n += 1
     return n
 
 
