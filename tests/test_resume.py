@@ -11,13 +11,14 @@ stored arrays, bf16 as its uint16 bit patterns) to the reference, and no
 
 Kill times come from a fixed-seed RNG and are spread over the whole pass.
 The script prints ``ready`` after its imports, just before the pass starts.
-Each kill draws a target in (0.05, 0.95) of the pass's units (targets sorted
-so the kills walk through the pass): if the store already holds that much
-progress, the kill comes uniform(0.05, 0.95) times the pass's fixed cost
-after ``ready`` (opening the store, the input fingerprint, markers, metadata
-writes); otherwise the parent polls the progress markers until the target is
-reached and kills after a further uniform(0, 2) unit times, so the kill
-falls anywhere inside a unit (reads, kernel, chunk writes, marker write).
+Each kill draws a target in its own equal slice of (0.05, 0.95) of the
+pass's units (so the kills walk through the pass); if an earlier kill overshot it, the
+target becomes one unit past the progress so far. The parent polls the
+progress markers until the target is reached and kills after a further
+uniform(0, 2) unit times, so the kill falls anywhere inside a unit (reads,
+kernel, chunk writes, marker write). With at most one unit left, the kill
+comes uniform(0.05, 0.95) times the pass's fixed cost after ``ready``
+(opening the store, the input fingerprint, markers, metadata writes).
 Drawing delays as fractions of a whole run's duration instead leaves nothing
 to kill after one late draw, as resumed runs get shorter. The fixed cost and
 the unit time are measured on the reference (a rerun with every unit done,
@@ -155,12 +156,16 @@ def _kill_and_resume(
     total = r.units
     t_fixed = r.t_fixed[kind]
     t_unit = max(r.t_full[kind] - t_fixed, 0.0) / total
-    targets = np.sort(rng.uniform(0.05, 0.95, kills))
+    # one target per equal slice of (0.05, 0.95): kills spread over the pass, as
+    # its last units (small merges) go by faster than any kill can follow
+    targets = 0.05 + 0.9 * (np.arange(kills) + rng.uniform(0.0, 1.0, kills)) / kills
     cmd = _command(path, kind, r)
     records: list[dict] = []
     for i, frac in enumerate(targets):
         before = _units_done(path, kind)
         target = int(np.ceil(frac * total))
+        if before >= target and before < total - 1:
+            target = before + 1  # an earlier kill overshot: still land this one mid-run
         phase = "fixed" if target <= before else "units"
         with open(log, "a") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
