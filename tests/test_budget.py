@@ -128,19 +128,8 @@ def test_unit_choice_fits_the_host_budget(seq_len, itr, kv, r, budget, kind):
     budget never makes units shallower, and the leaves are the floor."""
     from streamcqsa.cqs.budget import unit_host_bytes
     from streamcqsa.pipeline.run import choose_units
-    from streamcqsa.storage.layout import Problem
 
-    problem = Problem(
-        batch=1,
-        heads=kv * r,
-        kv_heads=kv,
-        seq_len=seq_len,
-        head_dim=32,
-        dtype="float32",
-        is_causal=False,
-        scale=32**-0.5,
-        chunk_tokens=512,
-    )
+    problem = _problem(seq_len, kv, r, "float32", causal=False)
     p = divide(seq_len, itr, 3)
     depth, hg = choose_units(p, problem, None, budget, kind)
     assert 0 <= depth <= itr and kv % hg == 0
@@ -169,19 +158,8 @@ def test_gpu_unit_choice_fits_the_device_budget(seq_len, itr, kv, r, budget, ite
     makes units shallower, and device bytes grow with L and with heads."""
     from streamcqsa.cqs.budget import unit_device_bytes
     from streamcqsa.pipeline.run import choose_units
-    from streamcqsa.storage.layout import Problem
 
-    problem = Problem(
-        batch=1,
-        heads=kv * r,
-        kv_heads=kv,
-        seq_len=seq_len,
-        head_dim=32,
-        dtype="float16" if itemsize == 2 else "float32",
-        is_causal=True,
-        scale=32**-0.5,
-        chunk_tokens=512,
-    )
+    problem = _problem(seq_len, kv, r, "float16" if itemsize == 2 else "float32", causal=True)
     p = divide(seq_len, itr, 3, is_causal=True)
     depth, hg = choose_units(p, problem, None, budget, "fwd", itemsize)
     units = [n for n in p.nodes if n.depth == depth and not n.is_leaf]
@@ -195,3 +173,20 @@ def test_gpu_unit_choice_fits_the_device_budget(seq_len, itr, kv, r, budget, ite
     assert unit_device_bytes(p, root, head_group=kv, **kw) >= one
     longer = divide(seq_len * 2, itr, 3, is_causal=True)
     assert unit_device_bytes(longer, longer.root, head_group=1, **kw) > one
+
+
+def _problem(seq_len: int, kv: int, r: int, dtype: str, *, causal: bool):  # noqa: ANN202
+    """A one-batch store problem with head_dim 32 for the unit-choice tests."""
+    from streamcqsa.storage.layout import Problem
+
+    return Problem(
+        batch=1,
+        heads=kv * r,
+        kv_heads=kv,
+        seq_len=seq_len,
+        head_dim=32,
+        dtype=dtype,
+        is_causal=causal,
+        scale=32**-0.5,
+        chunk_tokens=512,
+    )
