@@ -21,6 +21,7 @@ from streamcqsa.kernels.runner import WorkCounter, accumulator_dtype
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.tree import backward_tree, forward_tree
+from streamcqsa.kernels.workspace import Workspace
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -156,7 +157,15 @@ class Engine:
     def _forward_node(self, node: Node, q: Tensor, k: Tensor, v: Tensor, dt: torch.dtype):
         return forward_tree(self.plan, node, (q, k, v), self._leaf_forward, dt)
 
-    def _leaf_forward(self, node: Node, q: Tensor, k: Tensor, v: Tensor, fill_empty: bool):
+    def _leaf_forward(
+        self,
+        node: Node,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        fill_empty: bool,
+        workspace: Workspace | None = None,
+    ):
         return task_forward(
             q,
             k,
@@ -166,6 +175,7 @@ class Engine:
             backend=self.backend,
             counter=self.counter,
             fill_empty=fill_empty,
+            workspace=workspace,
         )
 
     def backward(

@@ -12,8 +12,8 @@ from streamcqsa.kernels.tree import forward_tree
 from streamcqsa.pipeline.writeback import ChunkWriter
 
 
-def _leaf(node, q, k, v, fill_empty=True):  # noqa: ANN001, ANN202
-    return runner.forward(q, k, v, node.blocks, fill_empty=fill_empty)
+def _leaf(node, q, k, v, fill_empty=True, workspace=None):  # noqa: ANN001, ANN202
+    return runner.forward(q, k, v, node.blocks, fill_empty=fill_empty, workspace=workspace)
 
 
 @pytest.mark.parametrize(("L", "itr", "causal"), [(1009, 2, True), (700, 1, False), (333, 3, True)])

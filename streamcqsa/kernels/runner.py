@@ -16,6 +16,7 @@ from streamcqsa.cqs.blocks import BlockList
 from streamcqsa.kernels.backend import Backend, get_backend
 from streamcqsa.kernels.merge import merge_partials
 from streamcqsa.kernels.tokens import Tokens, rows
+from streamcqsa.kernels.workspace import Workspace
 
 Local = Tensor | Tokens  # a task's local tokens, copied or viewed (``kernels.tokens``)
 
@@ -58,6 +59,7 @@ def forward(
     counter: WorkCounter | None = None,
     block_device: torch.device | None = None,
     fill_empty: bool = True,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Partial (out fp32 [B,H,L,D], lse fp32 [B,H,L]) of one task.
 
@@ -69,14 +71,16 @@ def forward(
     they are left unwritten, for a partial that is folded in memory, where
     the fold never reads a child's empty rows (``Plan.merge_sources``).
     Blocks that reach rows already written merge into them, in block order.
+    With ``workspace`` the partial's buffers are lent from it.
     """
     _check(blocks, q, is_causal)
     dev = q.device if block_device is None else torch.device(block_device)
     be = get_backend(backend, dev)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     acc = accumulator_dtype(q.dtype)
-    out = torch.empty(q.shape, dtype=acc, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+    new = torch.empty if workspace is None else workspace.empty
+    out = new(q.shape, dtype=acc, device=q.device)
+    lse = new(q.shape[:-1], dtype=acc, device=q.device)
     if all(b.fresh for b in blocks.blocks):
         for a, z in blocks.empty_rows if fill_empty else ():
             out[:, :, a:z] = 0.0

@@ -18,8 +18,10 @@ from streamcqsa.cqs.divide import Node, Plan
 from streamcqsa.kernels.fold import fold, merge_combine, sum_partials
 from streamcqsa.kernels.runner import accumulator_dtype
 from streamcqsa.kernels.tokens import leaf_tokens
+from streamcqsa.kernels.workspace import Workspace
 
-# (leaf, q, k, v, fill_empty=) -> (out, lse); (leaf, q, k, v, dout, out, lse) -> (dq, dk, dv)
+# (leaf, q, k, v, fill_empty=, workspace=) -> (out, lse);
+# (leaf, q, k, v, dout, out, lse) -> (dq, dk, dv)
 LeafRun = Callable[..., tuple[Tensor, ...]]
 
 
@@ -33,6 +35,7 @@ def forward_tree(
     base: Node | None = None,
     on_rows: Callable[[int, int, Tensor, Tensor], None] | None = None,
     before: Callable[[Node], None] | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of ``node`` [B,H,rows,...]; ``qkv`` hold ``base``'s tokens
     (default: ``node``'s), and leaves see them cast to ``dtype`` (only the
@@ -42,83 +45,111 @@ def forward_tree(
     as soon as its last child is done and reported final, so a caller can
     write finished rows while later children still compute (the same folds,
     so the same bits). ``before(leaf)`` runs before each leaf reads its
-    tokens (a pipeline unit waits there for the rows still being read)."""
+    tokens (a pipeline unit waits there for the rows still being read).
+
+    ``leaf`` is called as ``leaf(node, q, k, v, fill_empty=, workspace=)``:
+    the partials below ``node`` are lent from a ``Workspace`` and taken back
+    after their parent's fold. ``node``'s own partial leaves this call, so
+    it is allocated plainly, or lent from ``workspace`` when the caller
+    gives one (and releases it when done)."""
     base = node if base is None else base
-    if on_rows is not None and not node.is_leaf:
-        return _forward_streamed(plan, node, qkv, leaf, dtype, base, on_rows, before)
-    if node.is_leaf:
-        if before is not None:
-            before(node)
-        runs = plan.local_runs(node, base)
-        used, crossing = plan.used_ranges(node), plan.crossing_ranges(node)
-        q, k, v = qkv
-        return leaf(  # type: ignore[return-value]
-            node,
-            leaf_tokens(q, runs, dtype, used[0], crossing[0]),
-            leaf_tokens(k, runs, dtype, used[1], crossing[1]),
-            leaf_tokens(v, runs, dtype, used[1], crossing[1]),
-            fill_empty=node is base,  # only a partial that leaves this call is read whole
-        )
-    parts = {
-        c: forward_tree(plan, plan.by_path[c], qkv, leaf, dtype, base=base, before=before)
-        for c in node.children
-    }
-    out = _partial(qkv[0], node, dtype)
-    return fold(plan.merge_sources(node), parts, out, merge_combine, (0.0, -math.inf))  # type: ignore[return-value]
-
-
-def _partial(q: Tensor, node: Node, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Uninitialised (out, lse) accumulators for ``node``'s rows."""
-    shape = (*q.shape[:2], node.length, q.shape[3])
-    acc = accumulator_dtype(dtype)
-    return (
-        torch.empty(shape, dtype=acc, device=q.device),
-        torch.empty(shape[:-1], dtype=acc, device=q.device),
+    ws = Workspace() if workspace is None else workspace
+    return _Forward(plan, qkv, leaf, dtype, base, before, ws, workspace is not None).node(
+        node, on_rows
     )
 
 
-def _forward_streamed(
-    plan: Plan,
-    node: Node,
-    qkv: tuple[Tensor, Tensor, Tensor],
-    leaf: LeafRun,
-    dtype: torch.dtype,
-    base: Node,
-    on_rows: Callable[[int, int, Tensor, Tensor], None],
-    before: Callable[[Node], None] | None,
-) -> tuple[Tensor, Tensor]:
-    out = _partial(qkv[0], node, dtype)
-    sources = plan.merge_sources(node)
-    waiting = [{path for path, _ in src.sources} for src in sources]
-    uses = {c: sum(c in w for w in waiting) for c in node.children}
-    parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+class _Forward:
+    """One ``forward_tree`` call: the recursion and the buffers it reuses."""
 
-    def ready(done: tuple[int, ...] | None) -> None:
-        for i, src in enumerate(sources):
-            if done is not None:
-                if done not in waiting[i]:
-                    continue
-                waiting[i].discard(done)
-            elif src.sources:
-                continue
-            if waiting[i]:
-                continue
-            fold((src,), parts, out, merge_combine, (0.0, -math.inf))
-            on_rows(src.start, src.start + src.length, *out)
-            for path, _ in src.sources:  # free a child once nothing reads it
-                uses[path] -= 1
-                if not uses[path]:
-                    del parts[path]
+    def __init__(
+        self,
+        plan: Plan,
+        qkv: tuple[Tensor, Tensor, Tensor],
+        leaf: LeafRun,
+        dtype: torch.dtype,
+        base: Node,
+        before: Callable[[Node], None] | None,
+        ws: Workspace,
+        lend_base: bool,
+    ) -> None:
+        self.plan, self.qkv, self.leaf, self.dtype = plan, qkv, leaf, dtype
+        self.base, self.before, self.ws, self.lend_base = base, before, ws, lend_base
 
-    ready(None)  # rows no child reaches
-    for c in node.children:
-        parts[c] = forward_tree(  # type: ignore[assignment]
-            plan, plan.by_path[c], qkv, leaf, dtype, base=base, before=before
+    def node(
+        self, node: Node, on_rows: Callable[[int, int, Tensor, Tensor], None] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        plan, top = self.plan, node is self.base
+        if on_rows is not None and not node.is_leaf:
+            return self._streamed(node, on_rows)
+        if node.is_leaf:
+            if self.before is not None:
+                self.before(node)
+            runs = plan.local_runs(node, self.base)
+            used, crossing = plan.used_ranges(node), plan.crossing_ranges(node)
+            q, k, v = self.qkv
+            return self.leaf(  # type: ignore[return-value]
+                node,
+                leaf_tokens(q, runs, self.dtype, used[0], crossing[0]),
+                leaf_tokens(k, runs, self.dtype, used[1], crossing[1]),
+                leaf_tokens(v, runs, self.dtype, used[1], crossing[1]),
+                fill_empty=top,  # only a partial that leaves this call is read whole
+                workspace=self.ws if self.lend_base or not top else None,
+            )
+        parts = {c: self.node(plan.by_path[c]) for c in node.children}
+        out = self._partial(node)
+        fold(plan.merge_sources(node), parts, out, merge_combine, (0.0, -math.inf))
+        for part in parts.values():
+            self.ws.release(*part)
+        return out
+
+    def _partial(self, node: Node) -> tuple[Tensor, Tensor]:
+        """Uninitialised (out, lse) accumulators for ``node``'s rows."""
+        q = self.qkv[0]
+        shape = (*q.shape[:2], node.length, q.shape[3])
+        acc = accumulator_dtype(self.dtype)
+        new = self.ws.empty if self.lend_base or node is not self.base else torch.empty
+        return (
+            new(shape, dtype=acc, device=q.device),
+            new(shape[:-1], dtype=acc, device=q.device),
         )
-        if not uses[c]:
-            del parts[c]
-        ready(c)
-    return out
+
+    def _streamed(
+        self, node: Node, on_rows: Callable[[int, int, Tensor, Tensor], None]
+    ) -> tuple[Tensor, Tensor]:
+        out = self._partial(node)
+        sources = self.plan.merge_sources(node)
+        waiting = [{path for path, _ in src.sources} for src in sources]
+        uses = {c: sum(c in w for w in waiting) for c in node.children}
+        parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+
+        def drop(path: tuple[int, ...]) -> None:  # free a child once nothing reads it
+            self.ws.release(*parts.pop(path))
+
+        def ready(done: tuple[int, ...] | None) -> None:
+            for i, src in enumerate(sources):
+                if done is not None:
+                    if done not in waiting[i]:
+                        continue
+                    waiting[i].discard(done)
+                elif src.sources:
+                    continue
+                if waiting[i]:
+                    continue
+                fold((src,), parts, out, merge_combine, (0.0, -math.inf))
+                on_rows(src.start, src.start + src.length, *out)
+                for path, _ in src.sources:
+                    uses[path] -= 1
+                    if not uses[path]:
+                        drop(path)
+
+        ready(None)  # rows no child reaches
+        for c in node.children:
+            parts[c] = self.node(self.plan.by_path[c])
+            if not uses[c]:
+                drop(c)
+            ready(c)
+        return out
 
 
 def backward_tree(

@@ -28,6 +28,7 @@ from streamcqsa.kernels.runner import WorkCounter
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.tree import backward_tree, forward_tree
+from streamcqsa.kernels.workspace import Workspace
 from streamcqsa.pipeline.guardrail import Guardrail, block_bytes, task_bytes
 from streamcqsa.pipeline.readahead import ReadAhead
 from streamcqsa.pipeline.worker import device_units, executor, leaf_done
@@ -248,7 +249,11 @@ class _Leaves:
         )
 
     def forward(
-        self, leaf: Node, *qkv: torch.Tensor, fill_empty: bool = True
+        self,
+        leaf: Node,
+        *qkv: torch.Tensor,
+        fill_empty: bool = True,
+        workspace: Workspace | None = None,
     ) -> tuple[torch.Tensor, ...]:
         p = self.ctx.layout.problem
 
@@ -263,6 +268,7 @@ class _Leaves:
                 counter=self.ctx.counter,
                 block_device=block_device,
                 fill_empty=fill_empty,
+                workspace=workspace,
             )
             if self.on_device:
                 return out, lse
@@ -326,6 +332,7 @@ def _forward_unit(ctx: Context, unit: Unit, node: Node, *, on_device: bool) -> N
         arrays.write_rows(unit.node, "out", unit.b, unit.g, a, o)
         arrays.write_rows(unit.node, "lse", unit.b, unit.g, a, s)
 
+    ws = Workspace()  # host buffers: kept mapped from one unit to the next
     ok = False
     try:
         if stream:  # the first leaves start while the rest is read
@@ -342,8 +349,9 @@ def _forward_unit(ctx: Context, unit: Unit, node: Node, *, on_device: bool) -> N
             qkv = reader.tensors
             writer = ChunkWriter(write, node.length, lay.chunk)
         else:
+            alloc = None if on_device else functools.partial(ws.empty, device="cpu")
             qkv = tuple(
-                read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p)
+                read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p, alloc)
                 for n in ("q", "k", "v")
             )
             if on_device:
@@ -363,9 +371,11 @@ def _forward_unit(ctx: Context, unit: Unit, node: Node, *, on_device: bool) -> N
                 dt,
                 on_rows=writer.rows if writer is not None else _keep if on_device else None,
                 before=None if reader is None else reader.wait,
+                workspace=ws,
             )
 
         out, lse = _compute(ctx, functools.partial(compute, qkv))
+        ws.release(*qkv)
         del qkv
         read_s, waited, h2d = t1 - t0, 0.0, 0.0
         if reader is not None:
@@ -377,6 +387,7 @@ def _forward_unit(ctx: Context, unit: Unit, node: Node, *, on_device: bool) -> N
             write(0, node.length, out, lse)
         else:
             writer.finish()  # most chunks were written during the compute
+        ws.release(out, lse)
         ok = True
     finally:
         if not ok:

@@ -16,6 +16,7 @@ chunk axis, so (batch, head group) units never share chunks either.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -27,7 +28,14 @@ import zarr
 from streamcqsa.cqs.divide import Node, Plan
 from streamcqsa.storage import chunkio
 from streamcqsa.storage.integrity import checked_read
-from streamcqsa.storage.layout import GRADS, Problem, stored_dtype, to_stored, to_torch
+from streamcqsa.storage.layout import (
+    GRADS,
+    Problem,
+    stored_dtype,
+    to_stored,
+    to_torch,
+    torch_dtype,
+)
 from streamcqsa.storage.store import array_kwargs
 
 FWD, BWD = "fwd", "bwd"
@@ -301,12 +309,33 @@ class RunArrays:
 
 
 def read_runs(
-    arrays: RunArrays, name: str, b: int, heads: slice, runs, problem: Problem
+    arrays: RunArrays,
+    name: str,
+    b: int,
+    heads: slice,
+    runs,
+    problem: Problem,
+    alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Gather token runs of an input/output array into one torch tensor."""
+    """Gather token runs of an input/output array into one torch tensor.
+
+    With ``alloc(shape, dtype)`` the runs are read straight into the tensor it
+    gives (a pooled buffer), with no concatenation.
+    """
     arr = arrays.array(name)
-    parts = [chunkio.read(arr, (slice(b, b + 1), heads, slice(a, a + n))) for a, n in runs]
-    data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
-    if name == "lse":
-        return torch.from_numpy(np.ascontiguousarray(data))
-    return to_torch(data, problem.dtype)
+    if alloc is None:
+        parts = [chunkio.read(arr, (slice(b, b + 1), heads, slice(a, a + n))) for a, n in runs]
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+        if name == "lse":
+            return torch.from_numpy(np.ascontiguousarray(data))
+        return to_torch(data, problem.dtype)
+    h = len(range(*heads.indices(arr.shape[1])))
+    shape = (1, h, sum(n for _, n in runs), *arr.shape[3:])
+    dtype = torch.float32 if name == "lse" else torch_dtype(problem.dtype)
+    t = alloc(shape, dtype)
+    raw = t.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else t.numpy()
+    off = 0
+    for a, n in runs:
+        chunkio.read(arr, (slice(b, b + 1), heads, slice(a, a + n)), out=raw[:, :, off : off + n])
+        off += n
+    return t

@@ -1,0 +1,105 @@
+"""Pooled host buffers: reuse, the cap, and no read after release."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import streamcqsa
+from streamcqsa.kernels import workspace
+from streamcqsa.kernels.workspace import Workspace, cached_bytes, empty_cache, set_cache_limit
+from streamcqsa.pipeline import run
+from streamcqsa.storage import create
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def pool():
+    """A clean pool that poisons what is given back; restored afterwards."""
+    old = workspace._POOL.limit
+    empty_cache()
+    workspace._POOL.poison = True
+    yield workspace._POOL
+    workspace._POOL.poison = False
+    set_cache_limit(old)
+    empty_cache()
+
+
+def test_released_buffer_is_lent_again(pool) -> None:
+    ws = Workspace()
+    a = ws.empty((1, 4, 2048, 64), torch.float32, torch.device("cpu"))
+    ptr = a.data_ptr()
+    b = ws.empty((1, 4, 2048, 64), torch.float32, torch.device("cpu"))
+    assert b.data_ptr() != ptr  # two live loans never share a buffer
+    ws.release(a)
+    assert cached_bytes() >= a.numel() * 4
+    c = ws.empty((1, 4, 1500, 64), torch.bfloat16, torch.device("cpu"))
+    d = ws.empty((1, 4, 2000, 64), torch.float32, torch.device("cpu"))
+    assert c.data_ptr() != ptr  # c would waste more than half of the free buffer
+    assert d.data_ptr() == ptr  # d fits it
+    assert d.dtype == torch.float32 and d.shape == (1, 4, 2000, 64) and d.is_contiguous()
+
+
+def test_small_and_foreign_tensors_bypass_the_pool(pool) -> None:
+    ws = Workspace()
+    small = ws.empty((10, 10), torch.float32, torch.device("cpu"))
+    none = ws.empty((0, 64), torch.float32, torch.device("cpu"))
+    ws.release(small, none, torch.empty(4 * MiB, dtype=torch.uint8))
+    assert cached_bytes() == 0
+
+
+def test_free_buffers_stay_under_the_cap(pool) -> None:
+    set_cache_limit(3 * MiB)
+    ws = Workspace()
+    ts = [ws.empty((MiB,), torch.uint8, torch.device("cpu")) for _ in range(6)]
+    ws.release(*ts)
+    assert 0 < cached_bytes() <= 3 * MiB
+    set_cache_limit(0)
+    assert cached_bytes() == 0
+    with pytest.raises(ValueError, match=">= 0"):
+        set_cache_limit(-1)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_engine_bits_do_not_depend_on_the_pool(pool, monkeypatch, is_causal: bool) -> None:
+    """Given-back buffers are NaN-poisoned: a partial read after its release
+    would show; and pooled runs give the unpooled bits. Every partial is
+    pooled here, down to the smallest leaf's."""
+    monkeypatch.setattr(workspace, "MIN_BYTES", 1)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 2001, 64, generator=g) for _ in range(3))
+    pool.poison = False
+    set_cache_limit(0)
+    ref = streamcqsa.attention(q, k, v, itr=3, is_causal=is_causal, return_lse=True)
+    pool.poison = True
+    set_cache_limit(256 * MiB)
+    for _ in range(2):  # the second call runs on buffers the first gave back
+        got = streamcqsa.attention(q, k, v, itr=3, is_causal=is_causal, return_lse=True)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert 0 < cached_bytes() <= 256 * MiB
+
+
+@pytest.mark.parametrize(("dtype", "unit_depth"), [(torch.float32, 0), (torch.bfloat16, 1)])
+def test_pipeline_bits_do_not_depend_on_the_pool(
+    pool, monkeypatch, tmp_path, dtype: torch.dtype, unit_depth: int
+) -> None:
+    """Units' inputs, partials and outputs pooled (and poisoned when given back)."""
+    monkeypatch.setattr(workspace, "MIN_BYTES", 1)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 4, 3000, 64, generator=g).to(dtype) for _ in range(3))
+    outs = []
+    for limit in (0, 256 * MiB, 256 * MiB):
+        pool.poison = bool(limit)  # the reference run gives back clean buffers
+        set_cache_limit(limit)
+        path = tmp_path / f"s{len(outs)}"
+        create(path, q, k, v, is_causal=True)
+        run(path, itr=2, progress=False, unit_depth=unit_depth)
+        g = zarr.open_group(path, mode="r")
+        outs.append((np.asarray(g["out"][:]), np.asarray(g["lse"][:])))
+    assert np.isfinite(outs[0][0]).all()
+    for o, s in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0][0])
+        np.testing.assert_array_equal(s, outs[0][1])
