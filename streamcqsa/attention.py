@@ -205,9 +205,14 @@ class Engine:
     def _backward_node(self, node: Node, xs: tuple[Tensor, ...], dt: torch.dtype):
         return backward_tree(self.plan, node, xs, self._leaf_backward, dt)
 
-    def _leaf_backward(self, node: Node, *xs: Tensor):
+    def _leaf_backward(self, node: Node, *xs: Tensor, workspace: Workspace | None = None):
         return task_backward(
-            *xs, node.blocks, scale=self.scale, backend=self.backend, counter=self.counter
+            *xs,
+            node.blocks,
+            scale=self.scale,
+            backend=self.backend,
+            counter=self.counter,
+            workspace=workspace,
         )
 
 

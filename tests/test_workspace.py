@@ -10,7 +10,7 @@ import zarr
 import streamcqsa
 from streamcqsa.kernels import workspace
 from streamcqsa.kernels.workspace import Workspace, cached_bytes, empty_cache, set_cache_limit
-from streamcqsa.pipeline import run
+from streamcqsa.pipeline import run, run_backward
 from streamcqsa.storage import create
 
 MiB = 1 << 20
@@ -63,22 +63,30 @@ def test_free_buffers_stay_under_the_cap(pool) -> None:
         set_cache_limit(-1)
 
 
+def _engine(q, k, v, is_causal: bool) -> list[torch.Tensor]:
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = streamcqsa.attention(*xs, itr=3, is_causal=is_causal, return_lse=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    return [out.detach(), lse, *torch.autograd.grad(out, xs, dout)]
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_engine_bits_do_not_depend_on_the_pool(pool, monkeypatch, is_causal: bool) -> None:
     """Given-back buffers are NaN-poisoned: a partial read after its release
-    would show; and pooled runs give the unpooled bits. Every partial is
-    pooled here, down to the smallest leaf's."""
+    would show; and pooled runs give the unpooled bits, forward and backward.
+    Every partial is pooled here, down to the smallest leaf's."""
     monkeypatch.setattr(workspace, "MIN_BYTES", 1)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 4, 2001, 64, generator=g) for _ in range(3))
     pool.poison = False
     set_cache_limit(0)
-    ref = streamcqsa.attention(q, k, v, itr=3, is_causal=is_causal, return_lse=True)
+    ref = _engine(q, k, v, is_causal)
+    assert all(torch.isfinite(t).all() for t in ref)
     pool.poison = True
     set_cache_limit(256 * MiB)
     for _ in range(2):  # the second call runs on buffers the first gave back
-        got = streamcqsa.attention(q, k, v, itr=3, is_causal=is_causal, return_lse=True)
-        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        got = _engine(q, k, v, is_causal)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
     assert 0 < cached_bytes() <= 256 * MiB
 
 
@@ -89,7 +97,7 @@ def test_pipeline_bits_do_not_depend_on_the_pool(
     """Units' inputs, partials and outputs pooled (and poisoned when given back)."""
     monkeypatch.setattr(workspace, "MIN_BYTES", 1)
     g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(1, 4, 3000, 64, generator=g).to(dtype) for _ in range(3))
+    q, k, v, dout = (torch.randn(1, 4, 3000, 64, generator=g).to(dtype) for _ in range(4))
     outs = []
     for limit in (0, 256 * MiB, 256 * MiB):
         pool.poison = bool(limit)  # the reference run gives back clean buffers
@@ -97,9 +105,10 @@ def test_pipeline_bits_do_not_depend_on_the_pool(
         path = tmp_path / f"s{len(outs)}"
         create(path, q, k, v, is_causal=True)
         run(path, itr=2, progress=False, unit_depth=unit_depth)
+        run_backward(path, dout=dout, progress=False, unit_depth=unit_depth)
         g = zarr.open_group(path, mode="r")
-        outs.append((np.asarray(g["out"][:]), np.asarray(g["lse"][:])))
-    assert np.isfinite(outs[0][0]).all()
-    for o, s in outs[1:]:
-        np.testing.assert_array_equal(o, outs[0][0])
-        np.testing.assert_array_equal(s, outs[0][1])
+        outs.append([np.asarray(g[n][:]) for n in ("out", "lse", "dq", "dk", "dv")])
+    assert all(np.isfinite(a.astype(np.float32)).all() for a in outs[0])
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0], strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -123,20 +123,23 @@ def backward(
     backend: str | Backend = "auto",
     counter: WorkCounter | None = None,
     block_device: torch.device | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Partial (dq, dk, dv) fp32 of one task, from the *global* out and lse rows.
 
     Per block: P = exp(S * scale - lse), so every block's gradients are exact
-    partials of the full gradient and simply add up.
+    partials of the full gradient and simply add up. With ``workspace`` the
+    gradients' buffers are lent from it.
     """
     _check(blocks, q, is_causal)
     dev = q.device if block_device is None else torch.device(block_device)
     be = get_backend(backend, dev)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     acc = accumulator_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    new = torch.empty if workspace is None else workspace.empty
+    dq = new(q.shape, dtype=acc, device=q.device).zero_()
+    dk = new(k.shape, dtype=acc, device=q.device).zero_()
+    dv = new(v.shape, dtype=acc, device=q.device).zero_()
     bh = q.shape[0] * q.shape[1]
     for b in blocks.blocks:
         qr = slice(b.q_start, b.q_stop)

@@ -160,9 +160,28 @@ def backward_tree(
     dtype: torch.dtype,
     *,
     base: Node | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Partial (dq, dk, dv) of ``node``; ``xs`` = (q, k, v, dout, out, lse) of ``base``."""
+    """Partial (dq, dk, dv) of ``node``; ``xs`` = (q, k, v, dout, out, lse) of ``base``.
+
+    Buffers as in ``forward_tree``: ``leaf(node, *xs, workspace=)``, and
+    ``node``'s own gradients are lent from ``workspace`` only if one is given."""
     base = node if base is None else base
+    ws = Workspace() if workspace is None else workspace
+    return _backward(plan, node, xs, leaf, dtype, base, ws, workspace is not None)
+
+
+def _backward(
+    plan: Plan,
+    node: Node,
+    xs: tuple[Tensor, ...],
+    leaf: LeafRun,
+    dtype: torch.dtype,
+    base: Node,
+    ws: Workspace,
+    lend_base: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    lend = ws if lend_base or node is not base else None
     if node.is_leaf:
         runs = plan.local_runs(node, base)
         (rows, keys), (xrows, xkeys) = plan.used_ranges(node), plan.crossing_ranges(node)
@@ -175,15 +194,18 @@ def backward_tree(
             leaf_tokens(dout, runs, dtype, rows, xrows),
             leaf_tokens(out, runs, dtype, rows, xrows),
             leaf_tokens(lse, runs, None, rows, xrows),
+            workspace=lend,
         )
     parts = {
-        c: backward_tree(plan, plan.by_path[c], xs, leaf, dtype, base=base) for c in node.children
+        c: _backward(plan, plan.by_path[c], xs, leaf, dtype, base, ws, lend_base)
+        for c in node.children
     }
     acc = accumulator_dtype(dtype)
+    new = torch.empty if lend is None else lend.empty
     out = tuple(
-        torch.empty((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device)
-        for t in xs[:3]
+        new((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device) for t in xs[:3]
     )
-    return fold(
-        plan.merge_sources(node, skip_empty=False), parts, out, sum_partials, (0.0, 0.0, 0.0)
-    )  # type: ignore[return-value]
+    fold(plan.merge_sources(node, skip_empty=False), parts, out, sum_partials, (0.0, 0.0, 0.0))
+    for part in parts.values():
+        ws.release(*part)
+    return out  # type: ignore[return-value]

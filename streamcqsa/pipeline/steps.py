@@ -276,7 +276,9 @@ class _Leaves:
 
         return self._guarded(leaf, fn, qkv)
 
-    def backward(self, leaf: Node, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def backward(
+        self, leaf: Node, *xs: torch.Tensor, workspace: Workspace | None = None
+    ) -> tuple[torch.Tensor, ...]:
         p = self.ctx.layout.problem
 
         def fn(q, k, v, dout, out, lse, block_device=None):  # noqa: ANN001, ANN202
@@ -292,6 +294,7 @@ class _Leaves:
                 backend=self.be,
                 counter=self.ctx.counter,
                 block_device=block_device,
+                workspace=workspace,
             )
             return tuple(g.cpu() for g in grads)
 
@@ -406,8 +409,10 @@ def _task_backward(ctx: Context, unit: Unit) -> None:
     dt = get_backend(ctx.backend, _device(ctx)).compute_dtype(_dtype(p), _device(ctx))
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
     t0 = time.perf_counter()
+    ws = Workspace()
+    alloc = functools.partial(ws.empty, device="cpu")
     xs = tuple(
-        read_runs(arrays, n, unit.b, kh if n in ("k", "v") else qh, node.runs, p)
+        read_runs(arrays, n, unit.b, kh if n in ("k", "v") else qh, node.runs, p, alloc)
         for n in ("q", "k", "v", "dout", "out", "lse")
     )
     t1 = time.perf_counter()
@@ -417,13 +422,15 @@ def _task_backward(ctx: Context, unit: Unit) -> None:
     def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         nonlocal ts
         ts = time.perf_counter()
-        return backward_tree(lay.plan, node, xs, leaves.backward, dt)
+        return backward_tree(lay.plan, node, xs, leaves.backward, dt, workspace=ws)
 
     grads = _compute(ctx, functools.partial(compute, xs))
+    ws.release(*xs)
     del xs
     t2 = time.perf_counter()
     for name, t in zip(("dq", "dk", "dv"), grads, strict=True):
         arrays.write_rows(unit.node, name, unit.b, unit.g, 0, t)
+    ws.release(*grads)
     leaves.add_stages(t1 - t0, ts - t1, t2 - ts, time.perf_counter() - t2)
 
 
