@@ -21,7 +21,7 @@ from streamcqsa.kernels.tokens import leaf_tokens
 from streamcqsa.kernels.workspace import Workspace
 
 # (leaf, q, k, v, fill_empty=, workspace=) -> (out, lse);
-# (leaf, q, k, v, dout, out, lse) -> (dq, dk, dv)
+# (leaf, q, k, v, dout, out, lse, workspace=) -> (dq, dk, dv)
 LeafRun = Callable[..., tuple[Tensor, ...]]
 
 
