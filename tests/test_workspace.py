@@ -90,11 +90,15 @@ def test_engine_bits_do_not_depend_on_the_pool(pool, monkeypatch, is_causal: boo
     assert 0 < cached_bytes() <= 256 * MiB
 
 
-@pytest.mark.parametrize(("dtype", "unit_depth"), [(torch.float32, 0), (torch.bfloat16, 1)])
+@pytest.mark.parametrize(
+    ("dtype", "unit_depth", "overlap"),
+    [(torch.float32, 0, False), (torch.bfloat16, 1, False), (torch.float32, 0, True)],
+)
 def test_pipeline_bits_do_not_depend_on_the_pool(
-    pool, monkeypatch, tmp_path, dtype: torch.dtype, unit_depth: int
+    pool, monkeypatch, tmp_path, dtype: torch.dtype, unit_depth: int, overlap: bool
 ) -> None:
-    """Units' inputs, partials and outputs pooled (and poisoned when given back)."""
+    """Units' inputs, partials and outputs pooled (and poisoned when given
+    back), also with the write-back thread storing rows during the compute."""
     monkeypatch.setattr(workspace, "MIN_BYTES", 1)
     g = torch.Generator().manual_seed(4)
     q, k, v, dout = (torch.randn(1, 4, 3000, 64, generator=g).to(dtype) for _ in range(4))
@@ -104,7 +108,7 @@ def test_pipeline_bits_do_not_depend_on_the_pool(
         set_cache_limit(limit)
         path = tmp_path / f"s{len(outs)}"
         create(path, q, k, v, is_causal=True)
-        run(path, itr=2, progress=False, unit_depth=unit_depth)
+        run(path, itr=2, progress=False, unit_depth=unit_depth, overlap_io=overlap)
         run_backward(path, dout=dout, progress=False, unit_depth=unit_depth)
         g = zarr.open_group(path, mode="r")
         outs.append([np.asarray(g[n][:]) for n in ("out", "lse", "dq", "dk", "dv")])
