@@ -208,6 +208,8 @@ def main() -> None:
                 )
                 save()
             shutil.rmtree(tmp, ignore_errors=True)
+        q = k = v = None  # type: ignore[assignment]  # free this length's inputs before the next
+        torch.cuda.empty_cache()
     try:
         rows += guardrail_rows(a.guard_len)
     except Exception as e:  # noqa: BLE001 - record it; the rows so far still count

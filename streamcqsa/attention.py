@@ -45,6 +45,11 @@ def validate(q: object, k: object, v: object, scale: object) -> float:
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if q.dtype == torch.float64 and q.device.type == "cuda":
+        raise TypeError(
+            "float64 on CUDA: torch's fused attention kernels take float16, bfloat16 and "
+            "float32 there; cast to float32, or run float64 on the CPU"
+        )
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     b, h, lq, d = q.shape

@@ -48,7 +48,17 @@ def test_cuda_forward_backward_within_bounds(dtype, causal, itr):
         assert _rel(a.cpu(), r) <= 1.5 * _rel(s.cpu(), r) + 1e-6
 
 
-def test_cuda_pipeline_equals_engine(tmp_path):
+@pytest.fixture
+def deterministic():
+    """Both CUDA backward kernels split work with atomics by default, so their
+    gradient bits vary between calls; deterministic mode gives one answer."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_cuda_pipeline_equals_engine(tmp_path, deterministic):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 4, 3000, 64, generator=g).half() for _ in range(3))
     create(tmp_path / "s", q, k, v, is_causal=True)
@@ -63,6 +73,35 @@ def test_cuda_pipeline_equals_engine(tmp_path):
     grp = zarr.open_group(tmp_path / "s", mode="r")
     for name, gr in zip(("dq", "dk", "dv"), grads, strict=True):
         assert np.array_equal(grp[name][:], gr.cpu().numpy()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [36, 320])
+def test_cuda_head_dims_the_kernels_do_not_take_directly(dtype, head_dim):
+    """Head dims padded to a multiple of 8 (36), or past flash's 256 (320):
+    forward and backward stay within the bounds, at an odd length."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 333, head_dim, generator=g, dtype=F64) for _ in range(3))
+    qc, kc, vc = (x.to("cuda", dtype).requires_grad_() for x in (q, k, v))
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (qc, kc, vc))
+    ref = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, is_causal=True)
+    sd = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
+    out = streamcqsa.attention(qc, kc, vc, itr=2, is_causal=True)
+    assert out.shape == qc.shape
+    assert _rel(out.cpu(), ref) <= 1.5 * _rel(sd.cpu(), ref) + 1e-6
+    dout = torch.randn(out.shape, generator=g, dtype=F64)
+    gref = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    gsd = torch.autograd.grad(sd, (qc, kc, vc), dout.to("cuda", dtype))
+    got = torch.autograd.grad(out, (qc, kc, vc), dout.to("cuda", dtype))
+    for a, s, r in zip(got, gsd, gref, strict=True):
+        assert a.shape == r.shape
+        assert _rel(a.cpu(), r) <= 1.5 * _rel(s.cpu(), r) + 1e-6
+
+
+def test_cuda_rejects_float64():
+    x = torch.randn(1, 1, 8, 8, device="cuda", dtype=F64)
+    with pytest.raises(TypeError, match="float64 on CUDA"):
+        streamcqsa.attention(x, x, x)
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,9 @@ class FlashAttnBackend(Backend):
     def block_forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
     ) -> tuple[Tensor, Tensor]:
+        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+            # FA2 takes half types and head dims up to 256 only
+            return self._torch.block_forward(q, k, v, causal=causal, scale=scale)
         out, lse, _ = self._func()(
             q.transpose(1, 2),
             k.transpose(1, 2),

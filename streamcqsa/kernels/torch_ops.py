@@ -2,17 +2,33 @@
 
 CPU: the flash op for CPU (GQA by broadcast, top-left causal). Half types are
 computed in fp32 on CPU: as fast as the half kernels there and more exact.
-CUDA: the flash op for fp16/bf16, the memory-efficient op otherwise.
+CUDA: the flash op for fp16/bf16 (head dim <= 256), the memory-efficient op
+otherwise. Called directly, these ops skip what SDPA's wrapper does for
+them, so it is done here: head dims padded to a multiple of 8 (zero columns
+change no score), the flash backward's dense (not varlen) call, and the
+memory-efficient backward's lse padded to 32 rows per head, the layout its
+forward returns and its kernel reads.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from streamcqsa.kernels.backend import Backend
 
 aten = torch.ops.aten
+_HALF = (torch.float16, torch.bfloat16)
+_FLASH_MAX_DIM = 256  # the CUDA flash kernels' largest head dim
+
+
+def _padded_dim(d: int) -> int:
+    return -(-d // 8) * 8
+
+
+def _pad_dim(x: Tensor, d: int) -> Tensor:
+    return x if x.shape[-1] == d else F.pad(x, (0, d - x.shape[-1]))
 
 
 def _expand_kv(k: Tensor, heads: int) -> Tensor:
@@ -25,7 +41,7 @@ def _reduce_kv(dk: Tensor, kv_heads: int) -> Tensor:
     if dk.shape[1] == kv_heads:
         return dk
     b, h, n, d = dk.shape
-    return dk.view(b, kv_heads, h // kv_heads, n, d).sum(dim=2)
+    return dk.reshape(b, kv_heads, h // kv_heads, n, d).sum(dim=2)
 
 
 class TorchBackend(Backend):
@@ -43,14 +59,16 @@ class TorchBackend(Backend):
             return aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, causal, scale=scale
             )
+        d, dp = q.shape[-1], _padded_dim(q.shape[-1])
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        if q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
+        if q.dtype in _HALF and dp <= _FLASH_MAX_DIM:
             res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-            return res[0], res[1]
+            return res[0][..., :d], res[1]
         res = aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale
         )
-        return res[0], res[1][..., : q.shape[2]]
+        return res[0][..., :d], res[1][..., : q.shape[2]]
 
     def block_backward(
         self,
@@ -68,12 +86,12 @@ class TorchBackend(Backend):
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout, q, k, v, out, lse, 0.0, causal, scale=scale
             )
-        kv_heads = k.shape[1]
+        kv_heads, m = k.shape[1], q.shape[2]
+        d, dp = q.shape[-1], _padded_dim(q.shape[-1])
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         dout, out = dout.to(q.dtype), out.to(q.dtype)
-        if q.dtype in (torch.float16, torch.bfloat16):
-            m, n = q.shape[2], k.shape[2]
-            empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        q, k, v, dout, out = (_pad_dim(x, dp) for x in (q, k, v, dout, out))
+        if q.dtype in _HALF and dp <= _FLASH_MAX_DIM:
             seed = torch.zeros((), dtype=torch.int64)
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
                 dout,
@@ -82,10 +100,10 @@ class TorchBackend(Backend):
                 v,
                 out,
                 lse.contiguous(),
-                empty,
-                empty,
+                None,  # defined cumulative lengths would select the varlen kernel
+                None,
                 m,
-                n,
+                k.shape[2],
                 0.0,
                 causal,
                 seed,
@@ -94,6 +112,7 @@ class TorchBackend(Backend):
             )[:3]
         else:
             seed = torch.zeros((), dtype=torch.int64, device=q.device)
+            rows = F.pad(lse, (0, (-m) % 32), value=float("inf")).contiguous()  # exp(-inf) = 0
             dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
                 dout,
                 q,
@@ -101,7 +120,7 @@ class TorchBackend(Backend):
                 v,
                 None,
                 out,
-                lse.contiguous(),
+                rows,
                 seed,
                 seed,
                 0.0,
@@ -109,4 +128,5 @@ class TorchBackend(Backend):
                 causal,
                 scale=scale,
             )
+        dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
         return dq, _reduce_kv(dk, kv_heads), _reduce_kv(dv, kv_heads)
