@@ -2,6 +2,10 @@
 
 CPU: the flash op for CPU (GQA by broadcast, top-left causal). Half types are
 computed in fp32 on CPU: as fast as the half kernels there and more exact.
+Its key tiles are 512 wide, so it computes a causal block of under 512
+tokens as a full square: triangles of between 256 and 768 tokens run as two
+half triangles and the rectangle between them (at 512 tokens, B=1, H=4,
+D=64: 1.54 -> 1.22 ms forward, 4.58 -> 3.25 ms backward, torch 2.13).
 CUDA: the flash op for fp16/bf16 (head dim <= 256), the memory-efficient op
 otherwise. Called directly, these ops skip what SDPA's wrapper does for
 them, so it is done here: head dims padded to a multiple of 8 (zero columns
@@ -17,10 +21,53 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamcqsa.kernels.backend import Backend
+from streamcqsa.kernels.merge import merge_partials
 
 aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
 _FLASH_MAX_DIM = 256  # the CUDA flash kernels' largest head dim
+
+
+_SPLIT = (256, 768)  # causal CPU blocks strictly between these sizes are split
+
+
+def _split_at(n: int, causal: bool) -> int:
+    """Where a causal CPU block of n tokens is cut in two (0: not cut)."""
+    return n // 2 // 64 * 64 if causal and _SPLIT[0] < n < _SPLIT[1] else 0
+
+
+def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):  # noqa: ANN202
+    h = _split_at(q.shape[2], causal) if q.shape[2] == k.shape[2] else 0
+    if not h:
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    op = aten._scaled_dot_product_flash_attention_for_cpu
+    a, b = slice(None, h), slice(h, None)
+    top = op(q[:, :, a], k[:, :, a], v[:, :, a], 0.0, True, scale=scale)
+    below = op(q[:, :, b], k[:, :, a], v[:, :, a], 0.0, False, scale=scale)
+    diag = op(q[:, :, b], k[:, :, b], v[:, :, b], 0.0, True, scale=scale)
+    out = torch.empty(q.shape, dtype=top[0].dtype)
+    lse = torch.empty(q.shape[:-1], dtype=top[1].dtype)
+    out[:, :, a] = top[0]
+    lse[:, :, a] = top[1]
+    merge_partials([below[:2], diag[:2]], out=(out[:, :, b], lse[:, :, b]))
+    return out, lse
+
+
+def _cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):  # noqa: ANN001, ANN202
+    h = _split_at(q.shape[2], causal) if q.shape[2] == k.shape[2] else 0
+    op = aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if not h:
+        return op(dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    a, b = slice(None, h), slice(h, None)
+    rows_a = (dout[:, :, a], q[:, :, a])
+    rows_b = (dout[:, :, b], q[:, :, b])
+    top = op(*rows_a, k[:, :, a], v[:, :, a], out[:, :, a], lse[:, :, a], 0.0, True, scale=scale)
+    below = op(*rows_b, k[:, :, a], v[:, :, a], out[:, :, b], lse[:, :, b], 0.0, False, scale=scale)
+    diag = op(*rows_b, k[:, :, b], v[:, :, b], out[:, :, b], lse[:, :, b], 0.0, True, scale=scale)
+    dq = torch.cat([top[0], below[0] + diag[0]], dim=2)
+    dk = torch.cat([top[1] + below[1], diag[1]], dim=2)
+    dv = torch.cat([top[2] + below[2], diag[2]], dim=2)
+    return dq, dk, dv
 
 
 def _padded_dim(d: int) -> int:
@@ -56,9 +103,7 @@ class TorchBackend(Backend):
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
     ) -> tuple[Tensor, Tensor]:
         if q.device.type == "cpu":
-            return aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, causal, scale=scale
-            )
+            return _cpu_forward(q, k, v, causal, scale)
         d, dp = q.shape[-1], _padded_dim(q.shape[-1])
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
@@ -83,9 +128,7 @@ class TorchBackend(Backend):
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         if q.device.type == "cpu":
-            return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dout, q, k, v, out, lse, 0.0, causal, scale=scale
-            )
+            return _cpu_backward(dout, q, k, v, out, lse, causal, scale)
         kv_heads, m = k.shape[1], q.shape[2]
         d, dp = q.shape[-1], _padded_dim(q.shape[-1])
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
