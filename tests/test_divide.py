@@ -344,6 +344,21 @@ def test_streamed_fold_rows_bounds(args: tuple[int, int, object, bool, int]) -> 
 
 @settings(max_examples=40, deadline=None)
 @given(plans())
+def test_summed_fold_rows_holds_one_child_at_a_time(args: tuple) -> None:
+    """Gradient folds add each child in as it finishes: the node's rows plus
+    the largest child's own peak, down the tree."""
+    L, itr, quorum, causal, tile = args
+    plan = divide(L, itr, quorum, is_causal=causal, tile=tile)
+    for node in plan.nodes:
+        got = plan.summed_fold_rows(node)
+        kids = [plan.summed_fold_rows(plan.by_path[c]) for c in node.children]
+        assert got == node.length + max(kids, default=0)
+        subtree = sum(n.length for n in plan.nodes if n.path[: node.depth] == node.path)
+        assert node.length <= got <= subtree
+
+
+@settings(max_examples=40, deadline=None)
+@given(plans())
 def test_fold_rows_bounds(args: tuple[int, int, object, bool, int]) -> None:
     """The in-memory fold's peak holds at least the node and at most every
     node of its subtree at once."""

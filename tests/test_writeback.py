@@ -8,7 +8,8 @@ import torch
 
 from streamcqsa.attention import cached_plan
 from streamcqsa.kernels import runner
-from streamcqsa.kernels.tree import forward_tree
+from streamcqsa.kernels.fold import fold, sum_partials
+from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.pipeline.writeback import ChunkWriter
 
 
@@ -35,6 +36,37 @@ def test_streamed_fold_reports_every_row_once_with_the_same_bits(L, itr, causal)
         assert torch.equal(t, r)
     for (a, z), (o, s) in copies.items():
         assert torch.equal(o, ref[0][:, :, a:z]) and torch.equal(s, ref[1][:, :, a:z])
+
+
+def _leaf_backward(node, *xs, workspace=None):  # noqa: ANN001, ANN002, ANN202
+    return runner.backward(*xs, node.blocks, workspace=workspace)
+
+
+def _held_backward(plan, node, xs):  # noqa: ANN001, ANN202
+    """The fold as it was: every child kept until one ``sum_partials`` fold."""
+    if node.is_leaf:
+        return backward_tree(plan, node, xs, _leaf_backward, torch.float32, base=plan.root)
+    parts = {c: _held_backward(plan, plan.by_path[c], xs) for c in node.children}
+    out = tuple(torch.empty(*t.shape[:2], node.length, t.shape[3]) for t in xs[:3])
+    return fold(plan.merge_sources(node, skip_empty=False), parts, out, sum_partials, (0.0,) * 3)
+
+
+@pytest.mark.parametrize(
+    ("L", "itr", "causal"), [(1009, 2, True), (700, 1, False), (333, 3, False)]
+)
+def test_backward_adds_each_child_as_it_finishes_with_the_same_bits(L, itr, causal):
+    """Gradients added into the parent child by child (one child held at a
+    time) equal the fold that keeps all children, bit for bit, GQA included."""
+    plan = cached_plan(L, itr, 3, causal)
+    g = torch.Generator().manual_seed(2)
+    q, dout = (torch.randn(1, 4, L, 16, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(2))
+    out, lse = runner.forward(q, k, v, cached_plan(L, 0, 3, causal).root.blocks)
+    xs = (q, k, v, dout, out, lse)
+    got = backward_tree(plan, plan.root, xs, _leaf_backward, torch.float32)
+    ref = _held_backward(plan, plan.root, xs)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
 def test_chunk_writer_writes_each_chunk_once_when_complete():

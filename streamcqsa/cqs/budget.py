@@ -69,18 +69,21 @@ def unit_host_bytes(
     """Host bytes of a task unit that runs ``node``'s subtree in memory.
 
     Counted in fp32 (CPU kernels compute half types in fp32): the node's
-    gathered inputs, the partial rows its fold holds at its peak, the padded
-    copy written out, and one leaf's gathered inputs plus kernel outputs.
+    gathered inputs, the partial rows its fold holds at its peak (gradients
+    are added up child by child, ``Plan.summed_fold_rows``), the padded copy
+    written out, and one leaf's gathered inputs plus kernel outputs.
     """
     hq, hk, d = head_group * group_ratio, head_group, head_dim
     if kind == "fwd":
         per_in = d * (hq + 2 * hk)  # q, k, v
         per_part = hq * (d + 1)  # out, lse
+        held = plan.fold_rows(node)
     else:
         per_in = d * (3 * hq + 2 * hk) + hq  # q, k, v, dout, out, lse
         per_part = d * (hq + 2 * hk)  # dq, dk, dv
+        held = plan.summed_fold_rows(node)
     leaf = plan.longest_leaf(node)
-    rows = plan.fold_rows(node) + node.length
+    rows = held + node.length
     return 4 * (node.length * per_in + rows * per_part + leaf * (per_in + per_part))
 
 

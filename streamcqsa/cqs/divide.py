@@ -186,6 +186,20 @@ class Plan:
         """
         return self._subtree[node.path][0]
 
+    def summed_fold_rows(self, node: Node) -> int:
+        """Peak gradient partial rows of ``node``'s subtree: each inner node
+        holds its own rows from the start and adds each child in as soon as
+        it is done (``kernels.tree``'s backward), so one child at a time."""
+        return self._summed[node.path]
+
+    @cached_property
+    def _summed(self) -> dict[tuple[int, ...], int]:
+        out: dict[tuple[int, ...], int] = {}
+        for node in self.nodes:  # children come before their parent
+            kids = [out[c] for c in node.children]
+            out[node.path] = node.length + (max(kids) if kids else 0)
+        return out
+
     def streamed_fold_rows(self, node: Node) -> int:
         """Peak partial rows of ``node``'s subtree when ``node`` folds each merge
         range as soon as its holders are done and frees a child once nothing

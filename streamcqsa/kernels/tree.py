@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from streamcqsa.cqs.divide import Node, Plan
-from streamcqsa.kernels.fold import fold, merge_combine, sum_partials
+from streamcqsa.kernels.fold import fold, merge_combine
 from streamcqsa.kernels.runner import accumulator_dtype
 from streamcqsa.kernels.tokens import leaf_tokens
 from streamcqsa.kernels.workspace import Workspace
@@ -181,6 +181,10 @@ def _backward(
     ws: Workspace,
     lend_base: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient partials add, so each child is added into the node's rows as
+    soon as it is done and then freed: the same adds in the same order as
+    ``sum_partials`` over all children (first source copied, the rest added
+    in child order), so the same bits, holding one child at a time."""
     lend = ws if lend_base or node is not base else None
     if node.is_leaf:
         runs = plan.local_runs(node, base)
@@ -196,16 +200,28 @@ def _backward(
             leaf_tokens(lse, runs, None, rows, xrows),
             workspace=lend,
         )
-    parts = {
-        c: _backward(plan, plan.by_path[c], xs, leaf, dtype, base, ws, lend_base)
-        for c in node.children
-    }
     acc = accumulator_dtype(dtype)
     new = torch.empty if lend is None else lend.empty
-    out = tuple(
+    grads = tuple(
         new((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device) for t in xs[:3]
     )
-    fold(plan.merge_sources(node, skip_empty=False), parts, out, sum_partials, (0.0, 0.0, 0.0))
-    for part in parts.values():
+    sources = plan.merge_sources(node, skip_empty=False)
+    for src in sources:
+        if not src.sources:  # rows no child holds
+            for g in grads:
+                g[:, :, src.start : src.start + src.length].zero_()
+    for c in node.children:
+        part = _backward(plan, plan.by_path[c], xs, leaf, dtype, base, ws, lend_base)
+        for src in sources:
+            for j, (path, off) in enumerate(src.sources):
+                if path != c:
+                    continue
+                for g, p in zip(grads, part, strict=True):
+                    dst = g[:, :, src.start : src.start + src.length]
+                    piece = p[:, :, off : off + src.length]
+                    if j == 0:
+                        dst.copy_(piece)
+                    else:
+                        dst += piece
         ws.release(*part)
-    return out  # type: ignore[return-value]
+    return grads  # type: ignore[return-value]
