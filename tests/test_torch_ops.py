@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from streamcqsa.kernels import torch_ops
 from streamcqsa.kernels.torch_ops import TorchBackend, _split_at
 
 aten = torch.ops.aten
@@ -23,9 +26,36 @@ def test_split_only_mid_sized_causal_blocks() -> None:
     assert _split_at(512, False) == 0
 
 
+def _count_kernel_calls(monkeypatch) -> dict[str, int]:  # noqa: ANN001
+    """Count the backend's calls of the CPU kernels (the test's own reference
+    calls go through ``torch.ops.aten`` and are not counted)."""
+    calls: dict[str, int] = {}
+
+    def counted(op, name):  # noqa: ANN001, ANN202
+        def call(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            calls[name] = calls.get(name, 0) + 1
+            return op(*a, **kw)
+
+        return call
+
+    monkeypatch.setattr(
+        torch_ops,
+        "aten",
+        SimpleNamespace(
+            _scaled_dot_product_flash_attention_for_cpu=counted(
+                aten._scaled_dot_product_flash_attention_for_cpu, "forward"
+            ),
+            _scaled_dot_product_flash_attention_for_cpu_backward=counted(
+                aten._scaled_dot_product_flash_attention_for_cpu_backward, "backward"
+            ),
+        ),
+    )
+    return calls
+
+
 @pytest.mark.parametrize("n", [300, 512, 701])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_split_block_matches_the_whole_triangle(n: int, kv_heads: int) -> None:
+def test_split_block_matches_the_whole_triangle(monkeypatch, n: int, kv_heads: int) -> None:
     """Forward and backward of a split causal block against the kernel's own
     unsplit call, in float64 (so only rounding can differ), GQA included."""
     g = torch.Generator().manual_seed(n)
@@ -33,13 +63,16 @@ def test_split_block_matches_the_whole_triangle(n: int, kv_heads: int) -> None:
     k, v = (torch.randn(2, kv_heads, n, 32, generator=g, dtype=torch.float64) for _ in range(2))
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
     be = TorchBackend()
+    calls = _count_kernel_calls(monkeypatch)
     out, lse = be.block_forward(q, k, v, causal=True, scale=0.2)
+    assert calls == {"forward": 3}  # it did split: two triangles and a rectangle
     ref_out, ref_lse = aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, True, scale=0.2
     )[:2]
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
     grads = be.block_backward(dout, q, k, v, ref_out, ref_lse, causal=True, scale=0.2)
+    assert calls == {"forward": 3, "backward": 3}
     ref = aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, ref_out, ref_lse, 0.0, True, scale=0.2
     )

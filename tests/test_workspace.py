@@ -30,15 +30,17 @@ def pool():
 
 def test_released_buffer_is_lent_again(pool) -> None:
     ws = Workspace()
-    a = ws.empty((1, 4, 2048, 64), torch.float32, torch.device("cpu"))
+    a = ws.empty((1, 4, 2048, 64), torch.float32, torch.device("cpu"))  # 2 MiB
     ptr = a.data_ptr()
     b = ws.empty((1, 4, 2048, 64), torch.float32, torch.device("cpu"))
     assert b.data_ptr() != ptr  # two live loans never share a buffer
+    ws.release(a[:, :, :1000], a.view(4, 2048, 64))  # a slice or a reshape is not the loan
+    assert cached_bytes() == 0
     ws.release(a)
     assert cached_bytes() >= a.numel() * 4
-    c = ws.empty((1, 4, 1500, 64), torch.bfloat16, torch.device("cpu"))
+    c = ws.empty((1, 4, 1536, 64), torch.float32, torch.device("cpu"))  # 1.5 MiB
     d = ws.empty((1, 4, 2000, 64), torch.float32, torch.device("cpu"))
-    assert c.data_ptr() != ptr  # c would waste more than half of the free buffer
+    assert c.data_ptr() != ptr  # the free buffer would waste more than 1/4 of c's size
     assert d.data_ptr() == ptr  # d fits it
     assert d.dtype == torch.float32 and d.shape == (1, 4, 2000, 64) and d.is_contiguous()
 
@@ -61,6 +63,48 @@ def test_free_buffers_stay_under_the_cap(pool) -> None:
     assert cached_bytes() == 0
     with pytest.raises(ValueError, match=">= 0"):
         set_cache_limit(-1)
+
+
+class _Counting(Workspace):
+    """Tracks the bytes on loan, to measure a tree's peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def empty(self, shape, dtype, device):  # noqa: ANN001, ANN201
+        t = super().empty(shape, dtype, device)
+        self.live += t.numel() * t.element_size()
+        self.peak = max(self.peak, self.live)
+        return t
+
+    def release(self, *tensors):  # noqa: ANN002, ANN201
+        for t in tensors:
+            self.live -= t.numel() * t.element_size()
+        super().release(*tensors)
+
+
+@pytest.mark.parametrize(("L", "itr"), [(1009, 2), (700, 1), (2001, 3)])
+def test_backward_peak_is_summed_fold_rows(pool, monkeypatch, L: int, itr: int) -> None:
+    """What the backward tree actually holds at its peak, measured, is what
+    ``Plan.summed_fold_rows`` says the budget should count."""
+    from streamcqsa.attention import cached_plan
+    from streamcqsa.kernels import runner
+    from streamcqsa.kernels.tree import backward_tree
+
+    monkeypatch.setattr(workspace, "MIN_BYTES", 1)
+    plan = cached_plan(L, itr, 3, True)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(1, 2, L, 8, generator=g) for _ in range(4))
+    out, lse = runner.forward(q, k, v, cached_plan(L, 0, 3, True).root.blocks)
+    ws = _Counting()
+
+    def leaf(node, *xs, workspace=None):  # noqa: ANN001, ANN002, ANN202
+        return runner.backward(*xs, node.blocks, workspace=workspace)
+
+    backward_tree(plan, plan.root, (q, k, v, dout, out, lse), leaf, torch.float32, workspace=ws)
+    row = 3 * 2 * 8 * 4  # dq, dk, dv: 2 heads x 8 dims of fp32
+    assert ws.peak == plan.summed_fold_rows(plan.root) * row
 
 
 def _engine(q, k, v, is_causal: bool) -> list[torch.Tensor]:

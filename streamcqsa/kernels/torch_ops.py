@@ -45,8 +45,8 @@ def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):  
     top = op(q[:, :, a], k[:, :, a], v[:, :, a], 0.0, True, scale=scale)
     below = op(q[:, :, b], k[:, :, a], v[:, :, a], 0.0, False, scale=scale)
     diag = op(q[:, :, b], k[:, :, b], v[:, :, b], 0.0, True, scale=scale)
-    out = torch.empty(q.shape, dtype=top[0].dtype)
-    lse = torch.empty(q.shape[:-1], dtype=top[1].dtype)
+    out = top[0].new_empty(q.shape)
+    lse = top[1].new_empty(q.shape[:-1])
     out[:, :, a] = top[0]
     lse[:, :, a] = top[1]
     merge_partials([below[:2], diag[:2]], out=(out[:, :, b], lse[:, :, b]))

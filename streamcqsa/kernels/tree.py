@@ -205,23 +205,21 @@ def _backward(
     grads = tuple(
         new((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device) for t in xs[:3]
     )
-    sources = plan.merge_sources(node, skip_empty=False)
-    for src in sources:
+    pieces: dict[tuple[int, ...], list[tuple[int, int, int, bool]]] = {}
+    for src in plan.merge_sources(node, skip_empty=False):
         if not src.sources:  # rows no child holds
             for g in grads:
                 g[:, :, src.start : src.start + src.length].zero_()
+        for j, (path, off) in enumerate(src.sources):
+            pieces.setdefault(path, []).append((src.start, off, src.length, j == 0))
     for c in node.children:
         part = _backward(plan, plan.by_path[c], xs, leaf, dtype, base, ws, lend_base)
-        for src in sources:
-            for j, (path, off) in enumerate(src.sources):
-                if path != c:
-                    continue
-                for g, p in zip(grads, part, strict=True):
-                    dst = g[:, :, src.start : src.start + src.length]
-                    piece = p[:, :, off : off + src.length]
-                    if j == 0:
-                        dst.copy_(piece)
-                    else:
-                        dst += piece
+        for start, off, n, first in pieces.get(c, ()):
+            for g, p in zip(grads, part, strict=True):
+                dst, piece = g[:, :, start : start + n], p[:, :, off : off + n]
+                if first:
+                    dst.copy_(piece)
+                else:
+                    dst += piece
         ws.release(*part)
     return grads  # type: ignore[return-value]

@@ -6,8 +6,9 @@ pays first-touch page faults again: 20-25k faults, 4-8% of an itr=2-3 run on
 CPU. PyTorch's CUDA caching allocator solves this on the device; this is the
 same idea for the host buffers we own, and only those: a ``Workspace`` lends
 views of pooled buffers and takes them back when the caller says nothing
-reads them any more. Free buffers are capped (``set_cache_limit``), so host
-memory stays the plan's working set plus a constant. CUDA tensors are left
+reads them any more. A loan is at most 1/4 larger than asked and free
+buffers are capped (``set_cache_limit``), so host memory stays within 5/4
+of the plan's working set plus a constant. CUDA tensors are left
 to PyTorch, whose allocator also orders reuse across streams.
 """
 
@@ -22,6 +23,7 @@ from torch import Tensor
 
 MIN_BYTES = 1 << 20  # smaller blocks stay on malloc's heap, which keeps them mapped
 _SLACK = 8  # new buffers get 1/8 spare, so the next, slightly longer request fits
+_WASTE = 4  # a loan may be up to 1/4 larger than asked, no more
 
 
 class _HostPool:
@@ -34,9 +36,10 @@ class _HostPool:
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> Tensor:
-        """The smallest free buffer of ``nbytes`` to twice that, else a new one."""
+        """The smallest free buffer of ``nbytes`` to 5/4 of that, else a new one."""
         with self._lock:
-            fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes]
+            most = nbytes + nbytes // _WASTE
+            fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= most]
             if fits:
                 return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         return torch.empty(nbytes + nbytes // _SLACK, dtype=torch.uint8)
@@ -52,6 +55,10 @@ class _HostPool:
         total = sum(b.numel() for b in self._free)
         while self._free and total > self.limit:
             total -= self._free.pop(0).numel()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
 
     @property
     def free_bytes(self) -> int:
@@ -76,9 +83,7 @@ def set_cache_limit(nbytes: int) -> None:
 
 def empty_cache() -> None:
     """Hand every free pooled host buffer back to the allocator."""
-    limit = _POOL.limit
-    _POOL.set_limit(0)
-    _POOL.set_limit(limit)
+    _POOL.clear()
 
 
 def cached_bytes() -> int:
@@ -94,7 +99,7 @@ class Workspace:
     """
 
     def __init__(self) -> None:
-        self._lent: dict[int, Tensor] = {}
+        self._lent: dict[int, tuple[Tensor, torch.Size, torch.dtype]] = {}
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised tensor, pooled when it is a large CPU one."""
@@ -103,13 +108,18 @@ class Workspace:
             return torch.empty(tuple(shape), dtype=dtype, device=device)
         buf = _POOL.take(nbytes)
         t = buf[:nbytes].view(dtype).view(tuple(shape))
-        self._lent[t.data_ptr()] = buf
+        self._lent[t.data_ptr()] = (buf, t.shape, t.dtype)
         return t
 
     def release(self, *tensors: Tensor) -> None:
-        """Return buffers lent by ``empty``; nothing may read them after this."""
+        """Return buffers lent by ``empty``; nothing may read them after this.
+
+        Only a tensor shaped as lent gives its buffer back: a slice that
+        happens to start at the same address does not."""
         for t in tensors:
-            if t.device.type == "cpu" and t.numel():
-                buf = self._lent.pop(t.data_ptr(), None)
-                if buf is not None:
-                    _POOL.give(buf)
+            if t.device.type != "cpu" or not t.numel():
+                continue
+            loan = self._lent.get(t.data_ptr())
+            if loan is not None and loan[1:] == (t.shape, t.dtype) and t.is_contiguous():
+                del self._lent[t.data_ptr()]
+                _POOL.give(loan[0])
