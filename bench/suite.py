@@ -167,6 +167,11 @@ def sdpa_rows(
                 with torch.no_grad():
                     F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # warm up
                     attention(q, k, v, itr=1, is_causal=causal)
+                    if pipe_itrs:  # and the pipeline: its first run maps fresh buffers
+                        warm = tmp / "warm"
+                        shutil.copytree(src, warm)
+                        run(warm, itr=pipe_itrs[0], progress=False)
+                        shutil.rmtree(warm)
                     for r in range(reps):
                         add(
                             "sdpa",
@@ -380,7 +385,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} torch threads), "
         f"torch {meta['torch']}. B=1, H={meta['H']}, D={meta['D']}; vs-SDPA rows at "
-        f"L={meta['L']}, medians of {meta['reps']} interleaved repeats; dense-leaf rows at "
+        f"L={meta['L']}, medians of {meta['reps']} interleaved repeats after one untimed "
+        "warm-up call of each (SDPA, engine, pipeline); dense-leaf rows at "
         f"L={meta['L_dense']}. Regenerate: `{meta['command']}` ({meta['wall_s']:.0f} s).",
         "",
         "| section | dtype | causal | itr | L | ours s | baseline s | ours / baseline "
