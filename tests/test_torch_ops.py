@@ -79,3 +79,43 @@ def test_split_block_matches_the_whole_triangle(monkeypatch, n: int, kv_heads: i
     for a, b in zip(grads, ref, strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [36, 64, 320])
+def test_cuda_branch_traced_on_meta_tensors(monkeypatch, dtype, head_dim) -> None:
+    """The CUDA calls, traced on meta tensors (no GPU here): the ops accept our
+    arguments, GQA and padded head dims come back in the caller's shapes, the
+    flash backward gets the dense call (no cumulative lengths) and the
+    memory-efficient backward an lse padded to a multiple of 32 rows."""
+    seen: dict[str, tuple] = {}
+
+    def spy(name):  # noqa: ANN001, ANN202
+        def call(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            seen[name] = a
+            return getattr(aten, name)(*a, **kw)
+
+        return call
+
+    names = [
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_backward",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_efficient_attention_backward",
+    ]
+    monkeypatch.setattr(torch_ops, "aten", SimpleNamespace(**{n: spy(n) for n in names}))
+    q = torch.empty(1, 4, 333, head_dim, device="meta", dtype=dtype)
+    k = torch.empty(1, 2, 333, head_dim, device="meta", dtype=dtype)
+    be = TorchBackend()
+    out, lse = be.block_forward(q, k, k, causal=True, scale=0.1)
+    assert out.shape == q.shape and lse.shape == q.shape[:-1] and lse.dtype == torch.float32
+    grads = be.block_backward(q, q, k, k, out.float(), lse, causal=True, scale=0.1)
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+    flash = dtype != torch.float32 and head_dim <= 256
+    if flash:
+        args = seen["_scaled_dot_product_flash_attention_backward"]
+        assert args[6] is None and args[7] is None  # cum_seq_q, cum_seq_k
+    else:
+        args = seen["_scaled_dot_product_efficient_attention_backward"]
+        assert args[6].shape[-1] % 32 == 0 and args[6].shape[-1] >= 333  # logsumexp
+    assert all(a.shape[-1] % 8 == 0 for a in args[:4])  # head dims padded for the kernels
