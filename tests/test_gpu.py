@@ -24,6 +24,26 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
+def _check_against_sdpa(q, k, v, dtype, causal: bool, itr: int, g) -> None:  # noqa: ANN001
+    """Ours on CUDA in ``dtype`` against float64 SDPA, forward and backward:
+    within 1.5x of CUDA SDPA's own error in the same dtype."""
+    qc, kc, vc = (x.to("cuda", dtype).requires_grad_() for x in (q, k, v))
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (qc, kc, vc))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ref = sdpa(q64, k64, v64, is_causal=causal, enable_gqa=True)
+    sd = sdpa(qc, kc, vc, is_causal=causal, enable_gqa=True)
+    out = streamcqsa.attention(qc, kc, vc, itr=itr, is_causal=causal)
+    assert out.shape == qc.shape
+    assert _rel(out.cpu(), ref) <= 1.5 * _rel(sd.cpu(), ref) + 1e-6
+    dout = torch.randn(out.shape, generator=g, dtype=F64)
+    gref = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    gsd = torch.autograd.grad(sd, (qc, kc, vc), dout.to("cuda", dtype))
+    got = torch.autograd.grad(out, (qc, kc, vc), dout.to("cuda", dtype))
+    for a, s, r in zip(got, gsd, gref, strict=True):
+        assert a.shape == r.shape
+        assert _rel(a.cpu(), r) <= 1.5 * _rel(s.cpu(), r) + 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("itr", [0, 1, 2])
@@ -32,22 +52,7 @@ def test_cuda_forward_backward_within_bounds(dtype, causal, itr):
     q = torch.randn(2, 8, 1009, 64, generator=g, dtype=F64)
     k = torch.randn(2, 2, 1009, 64, generator=g, dtype=F64)
     v = torch.randn(2, 2, 1009, 64, generator=g, dtype=F64)
-    qc, kc, vc = (x.to("cuda", dtype).requires_grad_() for x in (q, k, v))
-    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (qc, kc, vc))
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q64, k64, v64, is_causal=causal, enable_gqa=True
-    )
-    sd = torch.nn.functional.scaled_dot_product_attention(
-        qc, kc, vc, is_causal=causal, enable_gqa=True
-    )
-    out = streamcqsa.attention(qc, kc, vc, itr=itr, is_causal=causal)
-    assert _rel(out.cpu(), ref) <= 1.5 * _rel(sd.cpu(), ref) + 1e-6
-    dout = torch.randn(out.shape, generator=g, dtype=F64)
-    gref = torch.autograd.grad(ref, (q64, k64, v64), dout)
-    gsd = torch.autograd.grad(sd, (qc, kc, vc), dout.to("cuda", dtype))
-    got = torch.autograd.grad(out, (qc, kc, vc), dout.to("cuda", dtype))
-    for a, s, r in zip(got, gsd, gref, strict=True):
-        assert _rel(a.cpu(), r) <= 1.5 * _rel(s.cpu(), r) + 1e-6
+    _check_against_sdpa(q, k, v, dtype, causal, itr, g)
 
 
 @pytest.fixture
@@ -85,20 +90,7 @@ def test_cuda_head_dims_the_kernels_do_not_take_directly(dtype, head_dim):
     forward and backward stay within the bounds, at an odd length."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 333, head_dim, generator=g, dtype=F64) for _ in range(3))
-    qc, kc, vc = (x.to("cuda", dtype).requires_grad_() for x in (q, k, v))
-    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (qc, kc, vc))
-    ref = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, is_causal=True)
-    sd = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
-    out = streamcqsa.attention(qc, kc, vc, itr=2, is_causal=True)
-    assert out.shape == qc.shape
-    assert _rel(out.cpu(), ref) <= 1.5 * _rel(sd.cpu(), ref) + 1e-6
-    dout = torch.randn(out.shape, generator=g, dtype=F64)
-    gref = torch.autograd.grad(ref, (q64, k64, v64), dout)
-    gsd = torch.autograd.grad(sd, (qc, kc, vc), dout.to("cuda", dtype))
-    got = torch.autograd.grad(out, (qc, kc, vc), dout.to("cuda", dtype))
-    for a, s, r in zip(got, gsd, gref, strict=True):
-        assert a.shape == r.shape
-        assert _rel(a.cpu(), r) <= 1.5 * _rel(s.cpu(), r) + 1e-6
+    _check_against_sdpa(q, k, v, dtype, True, 2, g)
 
 
 def test_cuda_rejects_float64():

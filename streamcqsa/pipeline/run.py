@@ -182,23 +182,10 @@ def choose_units(
     )
 
     def need(n: Node, hg: int) -> int:
+        shape = {"group_ratio": problem.group_ratio, "head_group": hg, "head_dim": problem.head_dim}
         if device_itemsize is not None and not n.is_leaf:
-            return unit_device_bytes(
-                plan,
-                n,
-                group_ratio=problem.group_ratio,
-                head_group=hg,
-                head_dim=problem.head_dim,
-                itemsize=device_itemsize,
-            )
-        return unit_host_bytes(
-            plan,
-            n,
-            group_ratio=problem.group_ratio,
-            head_group=hg,
-            head_dim=problem.head_dim,
-            kind=kind,
-        )
+            return unit_device_bytes(plan, n, itemsize=device_itemsize, **shape)
+        return unit_host_bytes(plan, n, kind=kind, **shape)
 
     for depth in range(plan.itr + 1):
         tasks = [n for n in plan.nodes if n.depth == depth or (n.is_leaf and n.depth < depth)]
