@@ -95,3 +95,34 @@ def test_budget_too_small_for_one_block_is_a_clear_error(stores, tmp_path):
 def test_n_cap_validation():
     with pytest.raises(ValueError, match="n_cap"):
         Guardrail(n_cap=0)
+
+
+def test_device_budget_queries_name_a_device_index(monkeypatch):
+    """torch 2.11's get_per_process_memory_fraction refuses a bare "cuda" (no
+    index), which stopped every GPU pipeline run before its first unit: the
+    device sizing must resolve "cuda" to the current device's index."""
+    import torch
+
+    from streamcqsa.pipeline.run import default_task_bytes
+
+    seen = []
+
+    def needs_index(dev):  # noqa: ANN001, ANN202
+        d = torch.device(dev)
+        if d.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index, got {dev}")
+        seen.append(d)
+        return 1.0
+
+    def props(dev):  # noqa: ANN001, ANN202
+        return type("P", (), {"total_memory": 80 << 30})()
+
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", needs_index)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (80 << 30, 80 << 30))
+    got = default_task_bytes("cuda", 2, "fwd")
+    assert seen == [torch.device("cuda", 0)]
+    assert got == int(0.4 * (80 << 30) / 2)

@@ -146,6 +146,8 @@ def default_task_bytes(device: str, n_cap: int, kind: str) -> int:
     allocate there, per resident unit."""
     if device.startswith("cuda") and kind == FWD:
         dev = torch.device(device)
+        if dev.index is None:  # the memory queries below need an index
+            dev = torch.device("cuda", torch.cuda.current_device())
         allowed = torch.cuda.get_device_properties(dev).total_memory
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         if fraction is not None:  # a cap set by set_per_process_memory_fraction
