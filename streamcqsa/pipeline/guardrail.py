@@ -19,10 +19,7 @@ import torch
 
 from streamcqsa.cqs.blocks import BlockList
 from streamcqsa.cqs.budget import leaf_device_bytes
-
-
-class DeviceOOM(RuntimeError):
-    """Out of device memory (raised for CUDA OOM, budget overruns and injection)."""
+from streamcqsa.errors import DeviceOOM
 
 
 def is_oom(e: BaseException) -> bool:

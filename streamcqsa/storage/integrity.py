@@ -10,19 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from streamcqsa.storage.store import StoreError
-
-
-class CorruptChunkError(StoreError):
-    """A stored chunk failed its checksum."""
-
-    def __init__(self, array: str, chunk: tuple[int, ...], detail: str = "") -> None:
-        self.array = array
-        self.chunk = chunk
-        super().__init__(
-            f"array '{array}' chunk {chunk} failed its crc32c check{detail}; "
-            "run `streamcqsa repair` on the store to recompute what depends on it"
-        )
+from streamcqsa.errors import CorruptChunkError, MissingChunkError, StoreError  # noqa: F401
 
 
 def _is_checksum_error(e: Exception) -> bool:

@@ -18,6 +18,7 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from streamcqsa.errors import StoreError  # re-exported: storage.store.StoreError
 from streamcqsa.storage.layout import (
     ATTR,
     FORMAT,
@@ -31,10 +32,6 @@ from streamcqsa.storage.layout import (
 )
 
 StorePath = str | os.PathLike | zarr.storage.StoreLike
-
-
-class StoreError(ValueError):
-    """A path that is not a usable run store, or a store in the wrong state."""
 
 
 def _store(path: Any, *, create: bool = False) -> Any:
