@@ -8,22 +8,32 @@ gradients from the global out and lse, added up the same tree.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from streamcqsa.cqs.divide import Node, Plan, divide
+from streamcqsa.cqs.divide import Node, Plan, check_quorum, divide
 from streamcqsa.kernels.backend import Backend, get_backend
+from streamcqsa.kernels.nonfinite import last_nonfinite, poison_masked_rows
 from streamcqsa.kernels.runner import WorkCounter, accumulator_dtype
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.kernels.workspace import Workspace
+from streamcqsa.validate import (
+    as_flag,
+    as_int,
+    as_itr,
+    as_quorum,
+    as_scale,
+    check_finite,
+    check_tensors,
+    supported_dtypes,
+)
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SUPPORTED_DTYPES = supported_dtypes()
 
 
 @lru_cache(maxsize=64)
@@ -31,102 +41,25 @@ def cached_plan(seq_len: int, itr: int, quorum: int | tuple[int, ...], is_causal
     return divide(seq_len, itr, quorum, is_causal=is_causal)
 
 
-def validate(q: object, k: object, v: object, scale: object) -> float:
-    """Check SDPA-style inputs; return the scale to use."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: {SUPPORTED_DTYPES}")
-    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if q.dtype == torch.float64 and q.device.type == "cuda":
-        raise TypeError(
-            "float64 on CUDA: torch's fused attention kernels take float16, bfloat16 and "
-            "float32 there; cast to float32, or run float64 on the CPU"
-        )
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    b, h, lq, d = q.shape
-    bk, hk, lk, dk = k.shape
-    if b != bk:
-        raise ValueError(f"batch sizes differ: q has {b}, k/v have {bk}")
-    if d != dk:
-        raise ValueError(f"head dims differ: q has {d}, k/v have {dk}")
-    if lq != lk:
-        raise ValueError(f"q has {lq} tokens but k/v have {lk}: CQS self-attention needs Lq == Lk")
-    if lq < 1:
-        raise ValueError("sequence length must be >= 1")
-    if d < 1:
-        raise ValueError(f"head dim must be >= 1, got {d}")
-    if hk < 1 or h % hk:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {scale!r}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
-    return float(scale)
-
-
-def check_finite(name: str, x: Tensor, offset: int = 0) -> None:
-    """ValueError naming the token range of any NaN/Inf in x [B, H, L, D]."""
-    # one vectorised pass in the usual case: a NaN/Inf makes the sum non-finite,
-    # and a sum that merely overflows falls through to the exact check below
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if torch.isfinite(x.sum(dtype=acc)):
-        return
-    bad = ~torch.isfinite(x)
-    if not bad.any():
-        return
-    tokens = bad.any(dim=3).any(dim=1).any(dim=0).nonzero().flatten()
-    first, last = int(tokens[0]) + offset, int(tokens[-1]) + offset
-    raise ValueError(
-        f"{name} has NaN/Inf at {len(tokens)} token(s) in positions [{first}, {last}]; "
-        "pass allow_nonfinite=True to propagate them like SDPA"
-    )
-
-
-def _check_itr(itr: object) -> int:
-    if isinstance(itr, bool) or not isinstance(itr, int):
-        raise TypeError(f"itr must be a non-negative int, got {itr!r}")
-    if itr < 0:
-        raise ValueError(f"itr must be >= 0, got {itr}")
-    return itr
-
-
-def _quorum_key(quorum: object) -> int | tuple[int, ...]:
-    """Plain ints for the plan cache (3.0 must not hit the entry for 3)."""
-
-    def one(x: object) -> int:
-        if isinstance(x, bool) or not hasattr(x, "__index__"):
-            raise TypeError(f"quorum sizes must be ints, got {x!r}")
-        return int(x.__index__())  # type: ignore[attr-defined]
-
-    if isinstance(quorum, (str, bytes)):
-        raise TypeError(f"quorum must be an int or a sequence of ints, got {quorum!r}")
-    if hasattr(quorum, "__iter__"):
-        return tuple(one(x) for x in quorum)  # type: ignore[union-attr]
-    return one(quorum)
-
-
 class Engine:
     """Runs a plan over in-memory tensors; used by the autograd Function."""
 
     def __init__(
-        self, plan: Plan, backend: Backend, scale: float, head_group: int | None = None
+        self,
+        plan: Plan,
+        backend: Backend,
+        scale: float,
+        head_group: int | None = None,
+        masked_values: Tensor | None = None,
     ) -> None:
         self.plan = plan
         self.backend = backend
         self.scale = scale
         self.head_group = head_group
         self.counter = WorkCounter()
+        # last non-finite V token per (batch, kv head, column), from
+        # ``kernels.nonfinite.last_nonfinite``: the rows before it get NaN there
+        self.masked_values = masked_values
 
     def units(self, q: Tensor, k: Tensor) -> list[tuple[int, slice, slice]]:
         """(batch, query heads, kv heads) of each unit, as the pipeline splits them.
@@ -147,17 +80,18 @@ class Engine:
         dt = self.backend.compute_dtype(q.dtype, q.device)
         units = self.units(q, k)
         if len(units) == 1:
-            return self._forward_node(self.plan.root, q, k, v, dt)
-        acc = accumulator_dtype(dt)
-        out = torch.empty(q.shape, dtype=acc, device=q.device)
-        lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
-        for b, qh, kh in units:
-            o, s = self._forward_node(
-                self.plan.root, q[b : b + 1, qh], k[b : b + 1, kh], v[b : b + 1, kh], dt
-            )
-            out[b : b + 1, qh] = o
-            lse[b : b + 1, qh] = s
-        return out, lse
+            out, lse = self._forward_node(self.plan.root, q, k, v, dt)
+        else:
+            acc = accumulator_dtype(dt)
+            out = torch.empty(q.shape, dtype=acc, device=q.device)
+            lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+            for b, qh, kh in units:
+                o, s = self._forward_node(
+                    self.plan.root, q[b : b + 1, qh], k[b : b + 1, kh], v[b : b + 1, kh], dt
+                )
+                out[b : b + 1, qh] = o
+                lse[b : b + 1, qh] = s
+        return poison_masked_rows(out, self.masked_values), lse
 
     def _forward_node(self, node: Node, q: Tensor, k: Tensor, v: Tensor, dt: torch.dtype):
         return forward_tree(self.plan, node, (q, k, v), self._leaf_forward, dt)
@@ -258,29 +192,47 @@ def attention(
 
     Matches ``scaled_dot_product_attention(q, k, v, is_causal=..., scale=...,
     enable_gqa=True)``. ``itr`` levels of ``quorum`` (one k, or one per level)
-    divide the sequence; ``itr=0`` is one undivided task. With ``return_lse``
-    also returns the natural-log lse (fp32, [B,H,L]). ``counter`` receives the
-    score entries computed (forward and backward). NaN/Inf inputs raise a
-    ValueError naming the tokens unless ``allow_nonfinite``. Work runs per
-    batch entry and per ``head_group`` kv heads (default: all), the units the
-    store pipeline uses, so both give the same bits.
+    divide the sequence; ``itr=0`` is one undivided task. Scalar arguments
+    follow ``streamcqsa.validate`` (numpy scalars of the right kind are
+    accepted; a bool is not an int, nor an int a bool).
+
+    With ``return_lse`` also returns the natural-log lse [B,H,L] in the
+    accumulator dtype: float64 for float64 inputs, float32 for the others
+    (the half types are accumulated in float32, and a store keeps float32).
+    ``counter`` receives the score entries computed (forward and backward).
+    Work runs per batch entry and per ``head_group`` kv heads (default: all),
+    the units the store pipeline uses, so both give the same bits.
+
+    NaN/Inf inputs raise a ValueError naming the tokens unless
+    ``allow_nonfinite``; then the output's NaN/Inf are SDPA's, the same at
+    every ``itr``, by the rule of its dense product softmax(q k^T) @ v:
+    a masked key's score is -inf whatever q and k hold, so a NaN/Inf in q or k
+    reaches only the rows that attend that key; a NaN/Inf in ``v[j, c]``
+    reaches column c of every row, as Inf times a positive probability and
+    NaN times a zero one (0 * Inf), so in causal attention every row before j
+    is NaN there. SDPA's fused CPU kernel follows this rule while the keys
+    fit in one of its 512-key tiles; for longer sequences it skips masked
+    tiles, leaving some of those earlier rows finite, where its math backend
+    (and this function) make them NaN. The rule is the forward's; gradients
+    of non-finite inputs are left unspecified.
     """
-    s = validate(q, k, v, scale)
+    b, h, hkv, n, d = check_tensors(q, k, v)
+    s = as_scale(scale, d)
+    itr = as_itr(itr)
+    is_causal = as_flag("is_causal", is_causal)
+    allow_nonfinite = as_flag("allow_nonfinite", allow_nonfinite)
+    quorum_key = as_quorum(quorum)
+    check_quorum(quorum_key, itr)
+    if head_group is not None:
+        head_group = as_int("head_group", head_group)
+        if head_group < 1 or hkv % head_group:
+            raise ValueError(f"head_group must be a positive divisor of kv heads ({hkv})")
     if not allow_nonfinite:
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_finite(name, t.detach())
-    itr = _check_itr(itr)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    plan = cached_plan(q.shape[2], itr, _quorum_key(quorum), is_causal)
-    if head_group is not None and (
-        isinstance(head_group, bool)
-        or not isinstance(head_group, int)
-        or head_group < 1
-        or k.shape[1] % head_group
-    ):
-        raise ValueError(f"head_group must be a positive divisor of kv heads ({k.shape[1]})")
-    engine = Engine(plan, get_backend(backend, q.device), s, head_group)
+    plan = cached_plan(n, itr, quorum_key, is_causal)
+    masked = last_nonfinite(v.detach()) if allow_nonfinite and is_causal else None
+    engine = Engine(plan, get_backend(backend, q.device), s, head_group, masked)
     if counter is not None:
         engine.counter = counter
     out, lse = _CQSAttention.apply(q, k, v, engine)

@@ -1,15 +1,27 @@
-"""``streamcqsa`` command line: init, run, backward, status, verify, plan, repair, demo."""
+"""``streamcqsa`` command line: init, run, backward, status, verify, plan, repair, demo.
+
+Errors the library raises on purpose are printed as one line naming the
+command-line flags (not the Python keywords) that change the outcome, with
+exit status 2 for bad input or a store in the wrong state and 1 for a run
+that failed (I/O, device); Ctrl-C exits 130 and says how to resume.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from streamcqsa import __version__
+from streamcqsa.errors import StreamCQSAError
 
 
 def _quorum(text: str) -> int | list[int]:
@@ -20,13 +32,33 @@ def _quorum(text: str) -> int | list[int]:
 
 
 def _itr(text: str) -> int | str:
-    return "auto" if text == "auto" else int(text)
+    return "auto" if text == "auto" else _count(text, 0)
+
+
+def _count(text: str, minimum: int = 1) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+    return v
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
 
 
 def _unit_depth(text: str) -> int | str | None:
     if text in ("auto", "leaves"):
         return "auto" if text == "auto" else None
-    return int(text)
+    return _count(text, 0)
 
 
 def _add_unit_depth(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +83,10 @@ def cmd_init(a: argparse.Namespace) -> int:
     from streamcqsa.storage import create, create_random
 
     if a.from_npy:
-        q, k, v = (np.load(f, mmap_mode="r") for f in a.from_npy)
+        kinds = {str(np.load(f, mmap_mode="r").dtype) for f in a.from_npy}
+        if a.dtype is None and len(kinds) > 1:
+            raise TypeError(f"the .npy files differ in dtype ({sorted(kinds)}); pass --dtype")
+        q, k, v = (_load_npy(f, a.dtype) for f in a.from_npy)
         create(
             a.path,
             q,
@@ -61,8 +96,11 @@ def cmd_init(a: argparse.Namespace) -> int:
             scale=a.scale,
             overwrite=a.overwrite,
             chunk_tokens=a.chunk_tokens,
+            allow_nonfinite=a.allow_nonfinite,
         )
     else:
+        if a.allow_nonfinite:
+            raise ValueError("--allow-nonfinite is for --from-npy (random inputs are finite)")
         create_random(
             a.path,
             seq_len=a.seq_len,
@@ -70,7 +108,7 @@ def cmd_init(a: argparse.Namespace) -> int:
             head_dim=a.head_dim,
             kv_heads=a.kv_heads,
             batch=a.batch,
-            dtype=a.dtype,
+            dtype=a.dtype or "float16",
             is_causal=a.causal,
             scale=a.scale,
             seed=a.seed,
@@ -80,6 +118,39 @@ def cmd_init(a: argparse.Namespace) -> int:
         )
     print(f"created run store {a.path}")
     return 0
+
+
+class _AsDtype:
+    """A .npy array read as a store dtype, one slice at a time (numpy has no
+    bfloat16, so a uint16 file holds bfloat16 bit patterns); the store asks
+    for one chunk row at a time, so nothing larger is ever converted."""
+
+    def __init__(self, arr: np.ndarray, dtype: str) -> None:
+        from streamcqsa.storage.layout import torch_dtype
+
+        self.arr, self.shape, self.dtype = arr, arr.shape, torch_dtype(dtype)
+
+    def __getitem__(self, idx: Any) -> Any:
+        import torch
+
+        block = torch.from_numpy(np.array(self.arr[idx]))  # a writable copy of the slice
+        return block.view(torch.bfloat16) if block.dtype == torch.uint16 else block.to(self.dtype)
+
+
+def _load_npy(path: str, dtype: str | None) -> Any:
+    """A .npy file, memory-mapped, as ``dtype`` (None: its own).
+
+    Floating-point files are converted to ``dtype``; a uint16 file is read as
+    bfloat16 bit patterns and only as bfloat16.
+    """
+    arr = np.load(path, mmap_mode="r")
+    if arr.dtype == np.uint16:
+        if dtype not in (None, "bfloat16"):
+            raise TypeError(f"{path} is uint16 (bfloat16 bit patterns), not {dtype}")
+        return _AsDtype(arr, "bfloat16")
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{path} has dtype {arr.dtype}; expected floating point (or uint16 bf16)")
+    return arr if dtype in (None, arr.dtype.name) else _AsDtype(arr, dtype)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -104,13 +175,12 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_backward(a: argparse.Namespace) -> int:
     from streamcqsa.pipeline import run_backward
+    from streamcqsa.storage.inspect import open as open_run
 
     dout = None
     if a.dout:
-        dout = np.load(a.dout, mmap_mode="r")
+        dout = _load_npy(a.dout, open_run(a.path).problem.dtype)
     elif a.random_dout is not None:
-        from streamcqsa.storage.inspect import open as open_run
-
         p = open_run(a.path).problem
         rng = np.random.default_rng(a.random_dout)
         dout = rng.standard_normal((p.batch, p.heads, p.seq_len, p.head_dim), dtype=np.float32)
@@ -127,17 +197,24 @@ def cmd_backward(a: argparse.Namespace) -> int:
         workers=a.workers,
         keep_partials=not a.drop_partials,
         progress=not a.no_progress,
+        restart=a.restart,
         unit_depth=a.unit_depth,
     )
     _print_stats(stats)
     return 0
 
 
+_DOUT = {"new": "; dout written", "same": "; same dout as stored", "stored": ""}
+
+
 def _print_stats(stats: dict) -> None:
     print(
-        f"{stats['pass']}: {stats['units_run']} units run, {stats['units_skipped']} already "
-        f"done, {stats['seconds']:.2f} s; partials need {_human(stats['partial_disk_bytes'])}"
+        f"{stats['pass']}: done, {stats['units']}/{stats['units']} units ({stats['units_run']} "
+        f"run now, {stats['units_skipped']} done before), {stats['seconds']:.2f} s; partials "
+        f"need {_human(stats['partial_disk_bytes'])}"
         f"{' (deleted as parents finish)' if not stats['keep_partials'] else ''}"
+        f"{' (earlier work of this pass discarded)' if stats.get('restarted') else ''}"
+        f"{_DOUT.get(stats.get('dout') or 'stored', '')}"
     )
 
 
@@ -147,9 +224,14 @@ def cmd_status(a: argparse.Namespace) -> int:
     s = open_run(a.path).status()
     if a.json:
         print(json.dumps(s, indent=2))
-    else:
-        for k, v in s.items():
-            print(f"{k:>10}: {v}")
+        return 0
+    for k, v in s.items():
+        if isinstance(v, dict):  # a pass: counted in the units `run` reports
+            owner = v.get("owner") or {}
+            by = f" (pid {owner['pid']} on {owner['host']})" if owner.get("pid") else ""
+            v = f"{v['status']}{by}, {v['units_done']}/{v['units']} units done"
+            v += f"; {s[k]['hint']}" if s[k].get("hint") else ""
+        print(f"{k:>10}: {v}")
     return 0
 
 
@@ -160,8 +242,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
     print(
         f"verified {res['rows']} rows x {res['heads']} heads against float64: "
         f"max rel error {res['max_rel_error']:.3e} (tolerance {res['tolerance']:.1e}), "
-        f"max lse error {res['max_lse_error']:.3e} -> {'OK' if res['ok'] else 'FAILED'}"
+        f"max lse error {res['max_lse_error']:.3e} (tolerance {res['lse_tolerance']:.1e}) "
+        f"-> {'OK' if res['ok'] else 'FAILED'}"
     )
+    for reason in res.get("reasons", ()) if not res["ok"] else ():
+        print(f"  {reason}")
     return 0 if res["ok"] else 1
 
 
@@ -170,21 +255,28 @@ def cmd_repair(a: argparse.Namespace) -> int:
 
     rep = repair(a.path)
     for kind in ("fwd", "bwd"):
+        missing = {(name, tuple(c)) for name, c in rep.get(f"{kind}_missing", ())}
         for name, chunk in rep[kind]:
-            print(f"{kind}: corrupt chunk {chunk} of '{name}'")
+            what = "missing" if (name, tuple(chunk)) in missing else "corrupt"
+            print(f"{kind}: {what} chunk {tuple(chunk)} of '{name}'")
         if rep.get(f"{kind}_units_reset"):
             print(f"{kind}: {rep[f'{kind}_units_reset']} units reset; run again to recompute them")
     if not rep["fwd"] and not rep["bwd"]:
-        print("all chunks pass their checksums")
+        print("all chunks are present and pass their checksums")
     return 0
 
 
 def _bytes(text: str) -> int:
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(float(t))
+    scale = units.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 80GiB, got {text!r}") from None
+    if not math.isfinite(n) or n < 1:
+        raise argparse.ArgumentTypeError(f"must be a size >= 1 byte, got {text!r}")
+    return int(n)
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -198,7 +290,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         batch=a.batch,
         dtype=a.dtype,
         is_causal=a.causal,
-        budget=Budget(_bytes(a.device_memory), _bytes(a.host_memory), a.devices),
+        budget=Budget(a.device_memory, a.host_memory, a.devices),
         quorum=a.quorum,
         throughput=a.throughput,
         chunk_tokens=a.chunk_tokens,
@@ -211,7 +303,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
         f"n_cap={est.n_cap}; {est.tasks} leaf tasks of <= {est.leaf_tokens} tokens"
     )
     print(
-        f"device memory: {_human(est.device_bytes_per_task)} per task, "
+        f"device memory: {_human(est.device_bytes_per_task)} per task (forward "
+        f"{_human(est.fwd_device_bytes_per_task)}, backward "
+        f"{_human(est.bwd_device_bytes_per_task)}), "
         f"{_human(est.device_bytes)} resident"
     )
     print(f"host memory:   {_human(est.host_bytes)}")
@@ -243,8 +337,8 @@ def cmd_estimate(a: argparse.Namespace) -> int:
     )
     rep = est.estimate(
         shape,
-        device_memory=_bytes(a.device_memory),
-        host_memory=_bytes(a.host_memory),
+        device_memory=a.device_memory,
+        host_memory=a.host_memory,
         itr=a.itr,
         quorum=a.quorum,
         device=None if a.device == "auto" else a.device,
@@ -311,23 +405,33 @@ def parser() -> argparse.ArgumentParser:
         prog="streamcqsa",
         description="Exact long-context attention over Zarr run stores (Stream-CQSA).",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init", help="create a run store (random data or .npy files)")
     s.add_argument("path")
     s.add_argument("--from-npy", nargs=3, metavar=("Q", "K", "V"), help="q, k, v .npy files")
-    s.add_argument("--seq-len", type=int, default=4096)
-    s.add_argument("--heads", type=int, default=8)
-    s.add_argument("--kv-heads", type=int, default=None)
-    s.add_argument("--head-dim", type=int, default=64)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--seq-len", type=_count, default=4096)
+    s.add_argument("--heads", type=_count, default=8)
+    s.add_argument("--kv-heads", type=_count, default=None)
+    s.add_argument("--head-dim", type=_count, default=64)
+    s.add_argument("--batch", type=_count, default=1)
+    s.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="store dtype (default: float16, or that of the .npy files, which are "
+        "converted to it; a uint16 file holds bfloat16 bit patterns)",
+    )
     s.add_argument("--causal", action="store_true")
-    s.add_argument("--scale", type=float, default=None)
+    s.add_argument("--scale", type=_positive, default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--std", type=float, default=1.0, help="std of the random inputs")
-    s.add_argument("--chunk-tokens", type=int, default=None)
+    s.add_argument("--std", type=_positive, default=1.0, help="std of the random inputs")
+    s.add_argument("--chunk-tokens", type=_count, default=None)
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument(
+        "--allow-nonfinite", action="store_true", help="keep NaN/Inf in --from-npy inputs"
+    )
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("run", help="run (or resume) the forward pass")
@@ -335,7 +439,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--itr", type=_itr, default=3, help="depth, or 'auto' (from budgets)")
     s.add_argument("--quorum", type=_quorum, default=3, help="k, or k1,k2,... per level")
     s.add_argument("--backend", default="auto")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=_count, default=2)
     s.add_argument("--scheduler", default=None, help="threads, sync, or a scheduler address")
     s.add_argument("--drop-partials", action="store_true", help="delete partials when merged")
     s.add_argument("--restart", action="store_true", help="discard unfinished work of another plan")
@@ -353,11 +457,18 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("backward", help="run (or resume) the backward pass")
     s.add_argument("path")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--dout", help=".npy file with dout [B,H,L,D]")
+    g.add_argument(
+        "--dout",
+        help=".npy file with dout [B,H,L,D], converted to the store's dtype (for bfloat16: "
+        "float32, or uint16 bit patterns)",
+    )
     g.add_argument("--random-dout", type=int, metavar="SEED", help="use a random dout")
     s.add_argument("--backend", default="auto")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=_count, default=2)
     s.add_argument("--drop-partials", action="store_true")
+    s.add_argument(
+        "--restart", action="store_true", help="discard unfinished work of another unit depth"
+    )
     _add_unit_depth(s)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_backward)
@@ -367,31 +478,38 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("verify", help="check sampled output rows against float64")
+    from streamcqsa.pipeline.verify import TOLERANCE_RULE
+
+    s = sub.add_parser(
+        "verify",
+        help="check sampled output rows against float64",
+        description="Check sampled rows of out and lse against float64 attention. "
+        + TOLERANCE_RULE,
+    )
     s.add_argument("path")
-    s.add_argument("--rows", type=int, default=64)
+    s.add_argument("--rows", type=_count, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("plan", help="choose itr, head group and n_cap from memory budgets")
-    s.add_argument("--seq-len", type=int, required=True)
-    s.add_argument("--heads", type=int, default=8)
-    s.add_argument("--kv-heads", type=int, default=None)
-    s.add_argument("--head-dim", type=int, default=64)
-    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--seq-len", type=_count, required=True)
+    s.add_argument("--heads", type=_count, default=8)
+    s.add_argument("--kv-heads", type=_count, default=None)
+    s.add_argument("--head-dim", type=_count, default=64)
+    s.add_argument("--batch", type=_count, default=1)
     s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--causal", action="store_true")
-    s.add_argument("--device-memory", default="80GiB")
-    s.add_argument("--host-memory", default="64GiB")
-    s.add_argument("--devices", type=int, default=1)
+    s.add_argument("--device-memory", type=_bytes, default="80GiB")
+    s.add_argument("--host-memory", type=_bytes, default="64GiB")
+    s.add_argument("--devices", type=_count, default=1)
     s.add_argument("--quorum", type=int, default=3)
     s.add_argument(
         "--throughput",
-        type=float,
+        type=_positive,
         default=1e9,
         help="score entries per second per device (calibrate with the bench)",
     )
-    s.add_argument("--chunk-tokens", type=int, default=65536)
+    s.add_argument("--chunk-tokens", type=_count, default=65536)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
@@ -399,17 +517,17 @@ def parser() -> argparse.ArgumentParser:
         "estimate",
         help="time sample tasks here and extrapolate a full run (the paper's scaled evaluation)",
     )
-    s.add_argument("--seq-len", type=int, required=True)
-    s.add_argument("--heads", type=int, default=8)
-    s.add_argument("--kv-heads", type=int, default=None)
-    s.add_argument("--head-dim", type=int, default=64)
-    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--seq-len", type=_count, required=True)
+    s.add_argument("--heads", type=_count, default=8)
+    s.add_argument("--kv-heads", type=_count, default=None)
+    s.add_argument("--head-dim", type=_count, default=64)
+    s.add_argument("--batch", type=_count, default=1)
     s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--causal", action="store_true")
     s.add_argument("--itr", type=_itr, default="auto", help="depth, or 'auto' (from budgets)")
     s.add_argument("--quorum", type=int, default=3)
-    s.add_argument("--device-memory", default="80GiB")
-    s.add_argument("--host-memory", default="64GiB")
+    s.add_argument("--device-memory", type=_bytes, default="80GiB")
+    s.add_argument("--host-memory", type=_bytes, default="64GiB")
     s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     s.add_argument("--quick", action="store_true", help="fewer, smaller samples (seconds)")
     s.add_argument(
@@ -431,14 +549,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("demo", help="run the store pipeline on a small default and verify")
-    s.add_argument("--seq-len", type=int, default=8192)
-    s.add_argument("--heads", type=int, default=4)
-    s.add_argument("--kv-heads", type=int, default=2)
-    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--seq-len", type=_count, default=8192)
+    s.add_argument("--heads", type=_count, default=4)
+    s.add_argument("--kv-heads", type=_count, default=2)
+    s.add_argument("--head-dim", type=_count, default=64)
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--causal", action="store_true", default=True)
-    s.add_argument("--itr", type=int, default=2)
-    s.add_argument("--rows", type=int, default=64)
+    s.add_argument("--itr", type=lambda t: _count(t, 0), default=2)
+    s.add_argument("--rows", type=_count, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dir", default=None, help="keep the store here instead of a temp dir")
     s.add_argument("--no-progress", action="store_true")
@@ -446,13 +564,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# the library's messages name its Python keywords; here they become the flags
+_FLAGS = (
+    (r"\brestart=True\b", "--restart"),
+    (r"\boverwrite=True\b", "--overwrite"),
+    (r"\ballow_nonfinite=True\b", "--allow-nonfinite"),
+    (r"\bkeep_partials=False\b", "--drop-partials"),
+    (r"\bunit_depth=None\b", "--unit-depth leaves"),
+    (r"\bunit_depth=(\d+)", r"--unit-depth \1"),
+    (r"\bpass dout=\.\.\.", "pass --dout FILE or --random-dout SEED"),
+    (r"\bcall run\(\) first", "run `streamcqsa run` first"),
+)
+
+
+def cli_message(message: str) -> str:
+    """A library message with each keyword argument it names as its CLI flag."""
+    for pattern, flag in _FLAGS:
+        message = re.sub(pattern, flag, message)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"streamcqsa {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        resume = "; rerun to resume" if args.command in ("run", "backward") else ""
+        print(f"\nstreamcqsa {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except (StreamCQSAError, ValueError, TypeError, OSError) as e:
+        print(f"streamcqsa {args.command}: error: {cli_message(str(e))}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, TypeError)) else 1
 
 
 if __name__ == "__main__":

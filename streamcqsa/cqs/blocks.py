@@ -11,6 +11,7 @@ rectangles (or causal triangles) of the local sequence that must be computed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -85,7 +86,10 @@ def _efficiency(rows: int, causal: bool) -> float:
 
 
 def build_blocks(
-    segments: tuple[Segment, ...], owners: tuple[int, ...], is_causal: bool
+    segments: tuple[Segment, ...],
+    owners: tuple[int, ...],
+    is_causal: bool,
+    allowed: tuple[int, ...] | None = None,
 ) -> BlockList:
     """Blocks for a task whose level-l owned chunk is ``owners[l]``.
 
@@ -93,11 +97,13 @@ def build_blocks(
     and the task does not own that chunk. The allowed segment pairs (below
     the diagonal when causal) are covered greedily by the rectangles and
     diagonal triangles that cost least per entry, so kernels see few, tall
-    blocks and never a masked one.
+    blocks and never a masked one. ``allowed`` is ``allowed_masks(segments,
+    owners)`` if the caller has it.
     """
     n = len(segments)
     length = segments[-1].local_stop if segments else 0
-    allowed = tuple(_allowed_mask(segments, s, owners) for s in range(n))
+    if allowed is None:
+        allowed = allowed_masks(segments, owners)
     lengths = tuple(seg.length for seg in segments)
     cover = _cover(allowed, lengths, is_causal)
     blocks: list[Block] = []
@@ -177,15 +183,124 @@ def _cover(
     return tuple(picked)
 
 
-def _allowed_mask(segments: tuple[Segment, ...], s: int, owners: tuple[int, ...]) -> int:
-    """Bit t set iff segment s may attend segment t."""
-    me = segments[s].chunks
-    mask = 0
-    for t, seg in enumerate(segments):
-        ok = all(c != me[level] or c == owners[level] for level, c in enumerate(seg.chunks))
-        if ok:
-            mask |= 1 << t
-    return mask
+def allowed_masks(segments: tuple[Segment, ...], owners: tuple[int, ...]) -> tuple[int, ...]:
+    """Per segment s, bit t set iff segment s may attend segment t.
+
+    A pair is masked iff at some level both segments lie in one chunk the
+    task does not own, so each segment's mask is everything but the union,
+    over the levels it is not owned at, of the segments sharing its chunk.
+    Segments come in position order, so a chunk's segments are runs of it.
+    """
+    n = len(segments)
+    if not n:
+        return ()
+    ids = [seg.chunks for seg in segments]
+    masked = [0] * n
+    for level, own in enumerate(owners):
+        runs: list[tuple[int, int, int]] = []  # (chunk, first, stop)
+        members: dict[int, int] = {}
+        a = 0
+        while a < n:
+            c = ids[a][level]
+            z = a + 1
+            while z < n and ids[z][level] == c:
+                z += 1
+            if c != own:
+                runs.append((c, a, z))
+                members[c] = members.get(c, 0) | ((1 << z) - (1 << a))
+            a = z
+        for c, a, z in runs:
+            bits = members[c]
+            for t in range(a, z):
+                masked[t] |= bits
+    full = (1 << n) - 1
+    return tuple(full & ~m for m in masked)
+
+
+def work_entries(lengths: Sequence[int], allowed: Sequence[int], is_causal: bool) -> int:
+    """Score entries of a node whose segments (of these lengths) may attend
+    ``allowed`` (``allowed_masks``): its allowed pairs, on or below the
+    diagonal if causal.
+
+    A node's children split exactly its work between them, so this is 0 for a
+    node iff nothing below it computes anything, and a child with as many
+    entries as its parent holds all of the parent's work.
+    """
+    total = 0
+    for s, mask in enumerate(allowed):
+        rows = lengths[s]
+        if is_causal:
+            if mask >> s & 1:
+                total += rows * (rows + 1) // 2
+            mask &= (1 << s) - 1
+        cols = 0
+        t = 0
+        while mask:
+            if mask & 1:
+                cols += lengths[t]
+            mask >>= 1
+            t += 1
+        total += rows * cols
+    return total
+
+
+def cut_segments(
+    segments: tuple[Segment, ...], chunks: tuple[tuple[int, int], ...]
+) -> list[list[tuple[int, Segment]]]:
+    """Cut a node's segments at chunk boundaries; add the chunk id to each piece.
+
+    Per chunk, its pieces with the index of the segment each was cut from.
+    """
+    out: list[list[tuple[int, Segment]]] = [[] for _ in chunks]
+    si = 0
+    for c, (c0, clen) in enumerate(chunks):
+        c1 = c0 + clen
+        while si < len(segments) and clen:
+            seg = segments[si]
+            a = max(seg.local_start, c0)
+            z = min(seg.local_stop, c1)
+            if a < z:
+                out[c].append(
+                    (
+                        si,
+                        Segment(
+                            start=seg.start + (a - seg.local_start),
+                            length=z - a,
+                            local_start=a,
+                            chunks=seg.chunks + (c,),
+                        ),
+                    )
+                )
+            if seg.local_stop <= c1:
+                si += 1
+            else:
+                break
+    return out
+
+
+def child_masks(
+    allowed: tuple[int, ...], taken: list[tuple[int, int, Segment]], owner: int
+) -> tuple[int, ...]:
+    """``allowed_masks`` of a child from its parent's, given the child's pieces as
+    (chunk, parent segment, piece): a piece may attend another iff their parent
+    segments could and, at the new level, they are in different chunks or in
+    the child's own one."""
+    by_parent: dict[int, int] = {}
+    by_chunk: dict[int, int] = {}
+    for x, (c, p, _) in enumerate(taken):
+        by_parent[p] = by_parent.get(p, 0) | 1 << x
+        by_chunk[c] = by_chunk.get(c, 0) | 1 << x
+    out = []
+    for c, p, _ in taken:
+        mask = allowed[p]
+        bits = 0
+        for q, qbits in by_parent.items():
+            if mask >> q & 1:
+                bits |= qbits
+        if c != owner:
+            bits &= ~by_chunk[c]
+        out.append(bits)
+    return tuple(out)
 
 
 def _runs(mask: int, n: int) -> list[tuple[int, int]]:

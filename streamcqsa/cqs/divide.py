@@ -6,366 +6,57 @@ gathers the chunks {(i + d) mod n : d in D}, in position order, and owns the
 diagonal block of chunk i. Leaves carry the block structure a kernel needs;
 inner nodes carry what a merge needs (which rows of the node each child holds).
 Nothing here is per token: a node has O(itr * k) runs.
+
+Rules that keep planning bounded at any ``itr``:
+
+- A node with no work (every pair it holds is masked) is not divided: its
+  children would split nothing, and it is left out of the plan.
+- Once nodes get as short as a few tokens, a level can split no node's work:
+  each node's only child with work holds the node's tokens and its work
+  unchanged, and since every later level is the same, so would all deeper
+  ones (each adds one more node per leaf, and a merge of one child). While
+  the whole plan stays under ``MAX_FULL_DEPTH_NODES`` those levels are kept,
+  so a plan never depends on that limit below it; past it ``divide`` stops
+  at the first depth where no level splits anything (``Plan.itr``, with
+  ``Plan.requested_itr`` recording what was asked): exactly the plan of that
+  depth, which computes the same pairs.
+- A plan estimated to pass ``MAX_PLAN_NODES`` is refused with a ValueError
+  before it is built, and one that passes it while being built is refused
+  then: it could not be built or run in reasonable time.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from streamcqsa.cqs.blocks import BlockList, Segment, build_blocks
+from streamcqsa.cqs.blocks import (
+    Segment,
+    allowed_masks,
+    build_blocks,
+    child_masks,
+    cut_segments,
+    work_entries,
+)
 from streamcqsa.cqs.interest import chunk_count, interest_set
-
-Run = tuple[int, int]  # (start, length)
+from streamcqsa.cqs.plan import MergeSource, Node, Plan, Run
 
 DEFAULT_TILE = 128
-
-
-@dataclass(frozen=True)
-class Node:
-    """One subsequence of the recursion (the root is the whole sequence).
-
-    ``parent_ranges`` are the node's chunks as (start, length) in the parent's
-    local coordinates, in order; a merge scatters the node's rows there.
-    ``segments`` refine the node by every level's chunk so far (for leaves,
-    the segments the blocks are made of).
-    """
-
-    path: tuple[int, ...]
-    segments: tuple[Segment, ...]
-    parent_ranges: tuple[Run, ...]
-    blocks: BlockList | None = None  # leaves only
-    children: tuple[tuple[int, ...], ...] = ()  # inner nodes: paths, merge order
-    chunks: tuple[Run, ...] = ()  # inner nodes: the n chunks (local start, length)
-
-    @property
-    def depth(self) -> int:
-        return len(self.path)
-
-    @property
-    def is_leaf(self) -> bool:
-        return self.blocks is not None
-
-    @property
-    def length(self) -> int:
-        return sum(s.length for s in self.segments)
-
-    @cached_property
-    def runs(self) -> tuple[Run, ...]:
-        """Global token runs, coalesced: what a gather reads."""
-        out: list[list[int]] = []
-        for s in self.segments:
-            if out and out[-1][0] + out[-1][1] == s.start:
-                out[-1][1] += s.length
-            else:
-                out.append([s.start, s.length])
-        return tuple((a, n) for a, n in out)
-
-    @property
-    def name(self) -> str:
-        """Stable id used for storage keys and progress (root is ``r``)."""
-        return "r" + "".join(f".{i}" for i in self.path)
-
-
-@dataclass(frozen=True)
-class MergeSource:
-    """Rows [start, start+length) of a node come from these children, at these
-    local offsets; an empty ``sources`` means the rows have no work at all."""
-
-    start: int
-    length: int
-    sources: tuple[tuple[tuple[int, ...], int], ...]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The whole divide for one sequence length: every node, leaves last per branch.
-
-    ``nodes`` is in post-order (children before parents, children in index
-    order), which is a valid execution order and the fixed merge order.
-    """
-
-    seq_len: int
-    itr: int
-    quorums: tuple[int, ...]
-    interest_sets: tuple[tuple[int, ...], ...]
-    is_causal: bool
-    tile: int
-    nodes: tuple[Node, ...] = field(repr=False)
-
-    @cached_property
-    def by_path(self) -> dict[tuple[int, ...], Node]:
-        return {n.path: n for n in self.nodes}
-
-    @property
-    def root(self) -> Node:
-        return self.nodes[-1]
-
-    @cached_property
-    def tasks(self) -> tuple[Node, ...]:
-        """Leaf tasks with something to compute, in post-order."""
-        return tuple(n for n in self.nodes if n.is_leaf)
-
-    @property
-    def entries(self) -> int:
-        """Score entries the block-sparse kernels compute."""
-        return sum(t.blocks.entries for t in self.tasks)  # type: ignore[union-attr]
-
-    @property
-    def dense_entries(self) -> int:
-        """Score entries the paper's dense masked leaves would evaluate."""
-        return sum(t.length**2 for t in self.tasks)
-
-    @property
-    def useful_entries(self) -> int:
-        n = self.seq_len
-        return n * (n + 1) // 2 if self.is_causal else n * n
-
-    def iter_tasks(self) -> Iterator[Node]:
-        return iter(self.tasks)
-
-    @cached_property
-    def _local_runs(self) -> dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[Run, ...]]:
-        return {}
-
-    def local_runs(self, node: Node, within: Node) -> tuple[Run, ...]:
-        """``node``'s runs in the coordinates of ``within``'s gathered tokens.
-
-        A unit that gathers one node's tokens runs its whole subtree on them;
-        each descendant gathers from that buffer instead of the full sequence.
-        ``within`` must be ``node`` or an ancestor. Every descendant run lies
-        inside one of ``within``'s runs, since those are maximal.
-        """
-        key = (node.path, within.path)
-        hit = self._local_runs.get(key)
-        if hit is not None:
-            return hit
-        if node.path[: within.depth] != within.path:
-            raise ValueError(f"{within.name} is not an ancestor of {node.name}")
-        starts, offsets, pos = [], [], 0
-        for a, n in within.runs:
-            starts.append(a)
-            offsets.append(pos)
-            pos += n
-        out = []
-        for a, n in node.runs:
-            i = bisect.bisect_right(starts, a) - 1
-            wa, wn = within.runs[max(i, 0)]
-            if i < 0 or a + n > wa + wn:
-                raise ValueError(f"run ({a}, {n}) of {node.name} is not inside {within.name}")
-            out.append((offsets[i] + a - wa, n))
-        self._local_runs[key] = hit = tuple(out)
-        return hit
-
-    @cached_property
-    def _subtree(self) -> dict[tuple[int, ...], tuple[int, int, int]]:
-        """Per node, in one post-order pass: (fold_rows, longest leaf, leaves)."""
-        out: dict[tuple[int, ...], tuple[int, int, int]] = {}
-        for node in self.nodes:  # children come before their parent
-            if node.is_leaf:
-                out[node.path] = (node.length, node.length, 1)
-                continue
-            held = peak = longest = count = 0
-            for c in node.children:
-                rows, leaf, n = out[c]
-                peak = max(peak, held + rows)
-                held += self.by_path[c].length
-                longest = max(longest, leaf)
-                count += n
-            out[node.path] = (max(peak, held + node.length), longest, count)
-        return out
-
-    def fold_rows(self, node: Node) -> int:
-        """Peak partial rows held while folding ``node``'s subtree in memory.
-
-        Children are folded one after another and kept until the parent's
-        fold, so the peak is the largest (finished siblings + one child's own
-        peak), or all children plus the parent's accumulator.
-        """
-        return self._subtree[node.path][0]
-
-    def summed_fold_rows(self, node: Node) -> int:
-        """Peak gradient partial rows of ``node``'s subtree: each inner node
-        holds its own rows from the start and adds each child in as soon as
-        it is done (``kernels.tree``'s backward), so one child at a time."""
-        return self._summed[node.path]
-
-    @cached_property
-    def _summed(self) -> dict[tuple[int, ...], int]:
-        out: dict[tuple[int, ...], int] = {}
-        for node in self.nodes:  # children come before their parent
-            kids = [out[c] for c in node.children]
-            out[node.path] = node.length + (max(kids) if kids else 0)
-        return out
-
-    def streamed_fold_rows(self, node: Node) -> int:
-        """Peak partial rows of ``node``'s subtree when ``node`` folds each merge
-        range as soon as its holders are done and frees a child once nothing
-        reads it (``kernels.tree``, as GPU units run); its children fold as
-        usual. The node's own rows are held from the start."""
-        if node.is_leaf:
-            return node.length
-        sources = self.merge_sources(node)
-        waiting = [{p for p, _ in s.sources} for s in sources]
-        uses = {c: sum(c in w for w in waiting) for c in node.children}
-        held = peak = 0
-        for c in node.children:
-            child = self.by_path[c]
-            peak = max(peak, node.length + held + self.fold_rows(child))
-            held += child.length if uses[c] else 0
-            for i, w in enumerate(waiting):
-                if c in w:
-                    w.discard(c)
-                    if not w:
-                        for p, _ in sources[i].sources:
-                            uses[p] -= 1
-                            if not uses[p]:
-                                held -= self.by_path[p].length
-        return max(peak, node.length + held)
-
-    def longest_leaf(self, node: Node) -> int:
-        """Tokens of the longest leaf task in ``node``'s subtree."""
-        return self._subtree[node.path][1]
-
-    def leaf_count(self, node: Node) -> int:
-        """Leaf tasks in ``node``'s subtree (1 for a leaf)."""
-        return self._subtree[node.path][2]
-
-    @cached_property
-    def _used(self) -> dict[tuple[int, ...], tuple[tuple[Run, ...], tuple[Run, ...]]]:
-        return {}
-
-    def used_ranges(self, leaf: Node) -> tuple[tuple[Run, ...], tuple[Run, ...]]:
-        """Leaf-local (start, stop) ranges its blocks read as queries and as keys.
-
-        A causal leaf often holds rows with no work and keys nobody attends
-        (about half of both at itr=3): gathers copy only what blocks read.
-        """
-        hit = self._used.get(leaf.path)
-        if hit is None:
-            blocks = leaf.blocks.blocks  # type: ignore[union-attr]
-            hit = (
-                _union((b.q_start, b.q_stop) for b in blocks),
-                _union((b.k_start, b.k_stop) for b in blocks),
-            )
-            self._used[leaf.path] = hit
-        return hit
-
-    def crossing_ranges(self, leaf: Node) -> tuple[tuple[Run, ...], tuple[Run, ...]]:
-        """Leaf-local (start, stop) query and key ranges of blocks that cross
-        one of the leaf's runs: the only rows a gather must copy, since a
-        block inside one run can read a view of the source."""
-        hit = self._crossing.get(leaf.path)
-        if hit is None:
-            ends = [0]
-            for _, n in leaf.runs:
-                ends.append(ends[-1] + n)
-
-            def crosses(a: int, z: int) -> bool:
-                return bisect.bisect_right(ends, a) != bisect.bisect_left(ends, z)
-
-            blocks = leaf.blocks.blocks  # type: ignore[union-attr]
-            hit = (
-                _union((b.q_start, b.q_stop) for b in blocks if crosses(b.q_start, b.q_stop)),
-                _union((b.k_start, b.k_stop) for b in blocks if crosses(b.k_start, b.k_stop)),
-            )
-            self._crossing[leaf.path] = hit
-        return hit
-
-    @cached_property
-    def _crossing(self) -> dict[tuple[int, ...], tuple[tuple[Run, ...], tuple[Run, ...]]]:
-        return {}
-
-    @cached_property
-    def _sources(self) -> dict[tuple[tuple[int, ...], bool], tuple[MergeSource, ...]]:
-        return {}
-
-    @cached_property
-    def _empty(self) -> dict[tuple[int, ...], tuple[Run, ...]]:
-        return {}
-
-    def empty_rows(self, node: Node) -> tuple[tuple[int, int], ...]:
-        """Node-local (start, stop) row ranges no block below the node reaches:
-        their partial is the merge identity (out 0, lse -inf)."""
-        hit = self._empty.get(node.path)
-        if hit is None:
-            if node.is_leaf:
-                hit = tuple(node.blocks.empty_rows)  # type: ignore[union-attr]
-            else:
-                hit = tuple(
-                    (s.start, s.start + s.length) for s in self.merge_sources(node) if not s.sources
-                )
-            self._empty[node.path] = hit
-        return hit
-
-    def merge_sources(self, node: Node, skip_empty: bool = True) -> tuple[MergeSource, ...]:
-        """Row ranges of an inner node and the children that hold them, in child
-        order (the fixed merge order); ranges with no sources are empty.
-
-        With ``skip_empty`` (forward partials) a child whose query rows there
-        are empty (nothing below it reaches them) is left out: merging the
-        identity adds exactly zero, so skipping it only saves the reads. Each
-        chunk is then split where that set changes. Gradient partials keep
-        every holder: a row with no queries can still be an attended key.
-        """
-        hit = self._sources.get((node.path, skip_empty))
-        if hit is not None:
-            return hit
-        offsets: dict[tuple[int, ...], dict[int, int]] = {}
-        for child in node.children:
-            pos = 0
-            starts: dict[int, int] = {}
-            for a, n in self.by_path[child].parent_ranges:
-                starts[a] = pos
-                pos += n
-            offsets[child] = starts
-        out: list[MergeSource] = []
-        for a, n in node.chunks:
-            if n == 0:
-                continue
-            holders = [c for c in node.children if a in offsets[c]]
-            # per holder: its empty rows inside this chunk, in parent coordinates
-            gaps = {}
-            cuts = {a, a + n}
-            for c in holders:
-                off = offsets[c][a]
-                g = [
-                    (a + max(e0, off) - off, a + min(e1, off + n) - off)
-                    for e0, e1 in self.empty_rows(self.by_path[c])
-                    if e0 < off + n and e1 > off
-                ]
-                if not skip_empty:
-                    g = []
-                gaps[c] = g
-                for g0, g1 in g:
-                    cuts.update((g0, g1))
-            edges = sorted(cuts)
-            for lo, hi in zip(edges, edges[1:], strict=False):
-                src = tuple(
-                    (c, offsets[c][a] + lo - a)
-                    for c in holders
-                    if not any(g0 <= lo and hi <= g1 for g0, g1 in gaps[c])
-                )
-                prev = out[-1] if out and out[-1].start + out[-1].length == lo else None
-                if (
-                    prev is not None
-                    and prev.start >= a
-                    and [c for c, _ in prev.sources] == [c for c, _ in src]
-                ):
-                    out[-1] = MergeSource(prev.start, prev.length + hi - lo, prev.sources)
-                else:
-                    out.append(MergeSource(start=lo, length=hi - lo, sources=src))
-        hit = tuple(out)
-        self._sources[(node.path, skip_empty)] = hit
-        return hit
+DEFAULT_QUORUM = 3
+# Nodes a plan may have: well above the deepest plans the budget chooser
+# considers at a billion tokens, far below what would exhaust memory.
+MAX_PLAN_NODES = 1_000_000
+# Levels that split no node's work are kept (the plan then has the depth asked
+# for) while the plan stays this small; past it they are left out.
+MAX_FULL_DEPTH_NODES = 20_000
+# No sequence needs more levels than this (each level shrinks a node by k/n).
+MAX_ITR = 1024
 
 
 def divide(
     seq_len: int,
     itr: int,
-    quorum: int | Sequence[int] = 3,
+    quorum: int | Sequence[int] = DEFAULT_QUORUM,
     *,
     is_causal: bool = False,
     tile: int = DEFAULT_TILE,
@@ -375,10 +66,15 @@ def divide(
 
     Chunk boundaries fall on multiples of ``tile`` (halved as needed) so that
     kernel tiles and store chunks rarely straddle segments. Empty nodes and
-    leaves with nothing to compute are left out of the plan.
+    leaves with nothing to compute are left out of the plan. Levels that
+    would split no node's work are left out of large plans (see the module
+    notes): ``Plan.itr`` is then below ``itr``. The quorum is checked even at
+    ``itr=0``, where no level uses it (``check_quorum`` refuses it there).
     """
     seq_len = _check_int("seq_len", seq_len, minimum=1)
     itr = _check_int("itr", itr, minimum=0)
+    if itr > MAX_ITR:
+        raise ValueError(f"itr must be <= {MAX_ITR}, got {itr}")
     tile = _check_int("tile", tile, minimum=1)
     quorums = _quorums(quorum, itr)
     if interest_sets is None:
@@ -389,18 +85,38 @@ def divide(
         sets = tuple(
             interest_set(k, candidate=d) for k, d in zip(quorums, interest_sets, strict=True)
         )
+    _check_size(seq_len, quorums, sets, tile, bool(is_causal))
+    build = _Builder(seq_len, quorums, sets, bool(is_causal), tile)
     root = (Segment(start=0, length=seq_len, local_start=0, chunks=()),)
-    nodes: list[Node] = []
-    _build(root, (), ((0, seq_len),), quorums, sets, is_causal, tile, nodes)
+    work = seq_len * (seq_len + 1) // 2 if is_causal else seq_len * seq_len
+    build.node(root, (), ((0, seq_len),), work, allowed_masks(root, ()), itr, stop_when_stable=True)
+    stable = [item.depth for item in build.out if isinstance(item, _Stable)]
+    full = len(build.out) - len(stable) + sum(itr - d + 1 for d in stable)
+    depth = itr if full <= MAX_FULL_DEPTH_NODES else build.deepest
+    grow = _Builder(seq_len, quorums, sets, bool(is_causal), tile)
+    for item in build.out:  # each stable node becomes its subtree of the plan's depth
+        if isinstance(item, Node):
+            grow.add(item, item.depth)
+        else:
+            grow.node(item.segments, item.path, item.parent_ranges, item.work, item.allowed, depth)
+    nodes = grow.out
     return Plan(
         seq_len=seq_len,
-        itr=itr,
-        quorums=quorums,
-        interest_sets=sets,
+        itr=depth,
+        quorums=quorums[:depth],
+        interest_sets=sets[:depth],
         is_causal=bool(is_causal),
         tile=tile,
-        nodes=tuple(nodes),
+        nodes=tuple(nodes),  # type: ignore[arg-type]
+        requested_itr=itr,
     )
+
+
+def quorum_for(itr: int, quorum: int | Sequence[int]) -> int | Sequence[int]:
+    """The quorum for a plan of depth ``itr``: the default at ``itr=0`` (nothing
+    is divided, and ``check_quorum`` refuses any other there), else ``quorum``.
+    For callers that choose the depth themselves."""
+    return quorum if itr else DEFAULT_QUORUM
 
 
 def split_lengths(length: int, n: int, tile: int = DEFAULT_TILE) -> list[int]:
@@ -421,102 +137,184 @@ def split_lengths(length: int, n: int, tile: int = DEFAULT_TILE) -> list[int]:
     return sizes
 
 
-def _build(
-    segments: tuple[Segment, ...],
-    path: tuple[int, ...],
-    parent_ranges: tuple[Run, ...],
-    quorums: tuple[int, ...],
-    sets: tuple[tuple[int, ...], ...],
-    is_causal: bool,
-    tile: int,
-    out: list[Node],
-) -> bool:
-    """Append the subtree of this node in post-order; False if it has no work."""
-    depth = len(path)
-    if depth == len(quorums):
-        blocks = build_blocks(segments, path, is_causal)
-        if not blocks.blocks:
-            return False
-        out.append(Node(path=path, segments=segments, parent_ranges=parent_ranges, blocks=blocks))
-        return True
-    k = quorums[depth]
-    n = chunk_count(k)
-    length = segments[-1].local_stop
-    sizes = split_lengths(length, n, tile)
-    starts = [0]
-    for s in sizes[:-1]:
-        starts.append(starts[-1] + s)
-    chunks = tuple(zip(starts, sizes, strict=True))
-    pieces = _cut(segments, chunks)  # per chunk: its segments, tagged with the chunk id
-    children: list[tuple[int, ...]] = []
-    for i in range(n):
-        members = sorted((i + d) % n for d in sets[depth])
-        child_segments: list[Segment] = []
-        ranges: list[Run] = []
-        pos = 0
-        for c in members:
-            if sizes[c] == 0:
+@dataclass(frozen=True)
+class _Stable:
+    """A node no later level can split (see ``_Builder.node``): placed where its
+    subtree goes once the plan's depth is known."""
+
+    segments: tuple[Segment, ...]
+    path: tuple[int, ...]
+    parent_ranges: tuple[Run, ...]
+    work: int
+    allowed: tuple[int, ...]
+
+    @property
+    def depth(self) -> int:
+        return len(self.path)
+
+
+class _Builder:
+    """Builds subtrees in post-order into ``out``; ``deepest`` is the deepest
+    depth at which a branch ended (a leaf, or a node no later level splits)."""
+
+    def __init__(
+        self,
+        seq_len: int,
+        quorums: tuple[int, ...],
+        sets: tuple[tuple[int, ...], ...],
+        is_causal: bool,
+        tile: int,
+    ) -> None:
+        self.seq_len, self.quorums, self.sets = seq_len, quorums, sets
+        self.is_causal, self.tile = is_causal, tile
+        self.out: list[Node | _Stable] = []
+        self.deepest = 0
+        self._member_cache: dict[int, list[list[int]]] = {}
+        # from this depth on every level is the same quorum and interest set
+        self.uniform_from = len(quorums)
+        while self.uniform_from > 0 and (
+            self.uniform_from == len(quorums)
+            or (quorums[self.uniform_from - 1], sets[self.uniform_from - 1])
+            == (quorums[self.uniform_from], sets[self.uniform_from])
+        ):
+            self.uniform_from -= 1
+
+    def _members(self, depth: int) -> list[list[int]]:
+        """Per child of a node at ``depth``: the chunks it gathers, in order."""
+        hit = self._member_cache.get(depth)
+        if hit is None:
+            n = chunk_count(self.quorums[depth])
+            hit = [sorted((i + d) % n for d in self.sets[depth]) for i in range(n)]
+            self._member_cache[depth] = hit
+        return hit
+
+    def add(self, item: Node | _Stable, depth: int) -> None:
+        self.out.append(item)
+        if len(self.out) > MAX_PLAN_NODES:
+            raise _too_many(self.seq_len, len(self.quorums), self.quorums)
+        if not isinstance(item, Node) or item.is_leaf:
+            self.deepest = max(self.deepest, depth)
+
+    def node(
+        self,
+        segments: tuple[Segment, ...],
+        path: tuple[int, ...],
+        parent_ranges: tuple[Run, ...],
+        work: int,
+        allowed: tuple[int, ...],
+        levels: int,
+        stop_when_stable: bool = False,
+    ) -> None:
+        """Append the subtree of a node with ``work`` > 0 score entries, ``levels`` deep.
+
+        Children with no work are left out. With ``stop_when_stable``, a node
+        whose only child with work holds all its tokens and all its work, at a
+        depth from which every level is the same, is appended as a ``_Stable``
+        instead: that child would be the node again, and so would its child.
+        """
+        depth = len(path)
+        if depth == levels:
+            blocks = build_blocks(segments, path, self.is_causal, allowed)
+            self.add(
+                Node(path=path, segments=segments, parent_ranges=parent_ranges, blocks=blocks),
+                depth,
+            )
+            return
+        n = chunk_count(self.quorums[depth])
+        length = segments[-1].local_stop
+        sizes = split_lengths(length, n, self.tile)
+        starts = [0]
+        for s in sizes[:-1]:
+            starts.append(starts[-1] + s)
+        chunks = tuple(zip(starts, sizes, strict=True))
+        pieces = cut_segments(segments, chunks)  # per chunk: (parent segment, piece tagged with it)
+        kids = []
+        for i, members in enumerate(self._members(depth)):
+            taken = [(c, p, seg) for c in members for p, seg in pieces[c]]
+            if not taken:
                 continue
-            ranges.append(chunks[c])
-            for seg in pieces[c]:
-                child_segments.append(
+            kid_allowed = child_masks(allowed, taken, i)
+            kid_work = work_entries(
+                [seg.length for _, _, seg in taken], kid_allowed, self.is_causal
+            )
+            if not kid_work:
+                continue
+            kid_segments = []
+            pos = 0
+            for _, _, seg in taken:
+                kid_segments.append(
                     Segment(start=seg.start, length=seg.length, local_start=pos, chunks=seg.chunks)
                 )
                 pos += seg.length
-        if not child_segments:
-            continue
-        if _build(
-            tuple(child_segments), path + (i,), tuple(ranges), quorums, sets, is_causal, tile, out
+            ranges = tuple(chunks[c] for c in members if sizes[c])
+            kids.append((tuple(kid_segments), path + (i,), ranges, kid_work, kid_allowed))
+        if (
+            stop_when_stable
+            and depth >= self.uniform_from
+            and len(kids) == 1
+            and kids[0][3] == work
+            and kids[0][0][-1].local_stop == length
         ):
-            children.append(path + (i,))
-    if not children:
-        return False
-    out.append(
-        Node(
-            path=path,
-            segments=segments,
-            parent_ranges=parent_ranges,
-            children=tuple(children),
-            chunks=chunks,
+            self.add(_Stable(segments, path, parent_ranges, work, allowed), depth)
+            return
+        for kid in kids:
+            self.node(*kid, levels, stop_when_stable)
+        self.add(
+            Node(
+                path=path,
+                segments=segments,
+                parent_ranges=parent_ranges,
+                children=tuple(k[1] for k in kids),
+                chunks=chunks,
+            ),
+            depth,
         )
+
+
+def _check_size(
+    seq_len: int,
+    quorums: tuple[int, ...],
+    sets: tuple[tuple[int, ...], ...],
+    tile: int,
+    is_causal: bool,
+) -> None:
+    """Refuse, before building, a plan estimated to pass MAX_PLAN_NODES.
+
+    Counts, level by level, the children that get tokens (from lengths
+    alone). While nodes are long that is nearly every child with work. Once
+    they are shorter than n it overcounts, so each level is capped at the
+    allowed pairs (the nodes with work at one depth split them), and levels
+    past a few below the last long node are not counted: by then no level
+    splits anything and the plan stops (see ``divide``).
+    """
+    pairs = seq_len * (seq_len + 1) // 2 if is_causal else seq_len * seq_len
+    level = {seq_len: 1}
+    total, short_levels = 1, 0
+    for k, members in zip(quorums, sets, strict=True):
+        n = chunk_count(k)
+        short_levels = short_levels + 1 if max(level) < n else 0
+        if short_levels > 3:
+            return
+        nxt: dict[int, int] = {}
+        for length, count in level.items():
+            sizes = split_lengths(length, n, tile)
+            for i in range(n):
+                size = sum(sizes[(i + d) % n] for d in members)
+                if size:
+                    nxt[size] = nxt.get(size, 0) + count
+        level = nxt
+        total += min(sum(level.values()), pairs)
+        if total > MAX_PLAN_NODES:
+            raise _too_many(seq_len, len(quorums), quorums)
+
+
+def _too_many(seq_len: int, itr: int, quorums: tuple[int, ...]) -> ValueError:
+    return ValueError(
+        f"itr={itr} with quorum {quorums[0] if quorums else DEFAULT_QUORUM} at "
+        f"seq_len={seq_len} makes a plan "
+        f"of more than {MAX_PLAN_NODES} nodes, too many to build or run; use a smaller itr "
+        "(each level multiplies the tasks by n = k^2 - k + 1) or a larger quorum"
     )
-    return True
-
-
-def _union(ranges: Iterator[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    out: list[list[int]] = []
-    for a, z in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], z)
-        else:
-            out.append([a, z])
-    return tuple((a, z) for a, z in out)
-
-
-def _cut(segments: tuple[Segment, ...], chunks: tuple[Run, ...]) -> list[list[Segment]]:
-    """Cut a node's segments at chunk boundaries; add the chunk id to each piece."""
-    out: list[list[Segment]] = [[] for _ in chunks]
-    si = 0
-    for c, (c0, clen) in enumerate(chunks):
-        c1 = c0 + clen
-        while si < len(segments) and clen:
-            seg = segments[si]
-            a = max(seg.local_start, c0)
-            z = min(seg.local_stop, c1)
-            if a < z:
-                out[c].append(
-                    Segment(
-                        start=seg.start + (a - seg.local_start),
-                        length=z - a,
-                        local_start=a,
-                        chunks=seg.chunks + (c,),
-                    )
-                )
-            if seg.local_stop <= c1:
-                si += 1
-            else:
-                break
-    return out
 
 
 def _quorums(quorum: int | Sequence[int], itr: int) -> tuple[int, ...]:
@@ -527,12 +325,29 @@ def _quorums(quorum: int | Sequence[int], itr: int) -> tuple[int, ...]:
         if len(qs) != itr:
             raise ValueError(f"quorum lists {len(qs)} levels but itr is {itr}")
     else:
-        qs = (quorum,) * itr
+        qs = (quorum,) * max(itr, 1)  # checked even at itr=0
     for k in qs:
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"quorum sizes must be ints, got {k!r}")
         interest_set(k)  # raises ValueError naming the nearest valid k
-    return qs
+    return qs[:itr]
+
+
+def check_quorum(quorum: int | Sequence[int], itr: int) -> None:
+    """Refuse a quorum that cannot apply at depth ``itr``, for front ends that
+    take both from a user.
+
+    ``divide`` checks every quorum it is given, but at ``itr=0`` (one
+    undivided task) it ignores a valid one, so that code choosing the depth
+    can pass its quorum through; a user who asks for a quorum and no
+    division gets this error instead.
+    """
+    _quorums(quorum, itr)
+    if itr == 0 and not isinstance(quorum, Sequence) and quorum != DEFAULT_QUORUM:
+        raise ValueError(
+            f"quorum {quorum} has no effect with itr=0 (one undivided task); leave quorum "
+            f"at its default ({DEFAULT_QUORUM}) or divide with itr >= 1"
+        )
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> int:
@@ -554,4 +369,17 @@ def dense_ratio(plan: Plan) -> float:
     return plan.dense_entries / (plan.seq_len**2)
 
 
-__all__ = ["MergeSource", "Node", "Plan", "divide", "split_lengths", "work_ratio", "dense_ratio"]
+__all__ = [
+    "DEFAULT_QUORUM",
+    "DEFAULT_TILE",
+    "MAX_PLAN_NODES",
+    "MergeSource",
+    "Node",
+    "Plan",
+    "dense_ratio",
+    "check_quorum",
+    "divide",
+    "quorum_for",
+    "split_lengths",
+    "work_ratio",
+]

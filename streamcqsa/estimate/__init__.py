@@ -1,10 +1,9 @@
 """Scaled evaluation (the paper's §3.3): time real tasks small, extrapolate to the full plan.
 
 A billion-token pass is far too long to run just to learn its cost, but its
-plan is cheap to build (``divide`` is segment-level: at L=1e9 itr=4 is 2.5k
-nodes in ~0.2 s, itr=5 15k nodes in ~1 s; each level costs ~7x more, so
-itr=7 takes ~40 s) and its leaf tasks are all of one shape family. So, on
-this machine's device:
+plan is cheap to build (``divide`` is segment-level: its cost grows with the
+node count, about n = k^2 - k + 1 times per level, not with L) and its leaf
+tasks are all of one shape family. So, on this machine's device:
 
 1. time a sample of real leaf tasks (``kernels.runner.forward/backward`` on
    random data) drawn from plans of the same depth, quorum, head group and
@@ -38,6 +37,7 @@ from streamcqsa.estimate.model import (
     compute_dtype,
     fit_line,
     fit_nonneg,
+    plan_choice,
     plan_cost,
     task_bytes,
 )
@@ -74,6 +74,7 @@ __all__ = [
     "human_bytes",
     "pick_tasks",
     "pipeline_run",
+    "plan_choice",
     "plan_cost",
     "reduced_plans",
     "task_bytes",

@@ -54,6 +54,25 @@ class Calibration:
     samples: list[dict] = field(default_factory=list)
     pipeline_runs: list[dict] = field(default_factory=list)
 
+    def spread(self) -> dict[str, dict[str, float]]:
+        """How far repeated timings of one sample task landed apart, per pass:
+        the median and largest (slowest / fastest - 1) over the samples, and
+        how many samples were timed more than once. Load on a shared machine
+        shows up here, and the fits inherit it."""
+        out = {}
+        for p in PASSES:
+            rel = sorted(
+                s[f"{p}_s_max"] / s[f"{p}_s"] - 1.0
+                for s in self.samples
+                if s.get(f"{p}_s_max") is not None and s[f"{p}_s"] > 0
+            )
+            out[p] = {
+                "median": rel[len(rel) // 2] if rel else 0.0,
+                "max": rel[-1] if rel else 0.0,
+                "samples": len(rel),
+            }
+        return out
+
     def components(
         self, cost: PlanCost, kernel_s: dict[str, float] | None = None
     ) -> dict[str, dict[str, float]]:
@@ -87,6 +106,11 @@ class Calibration:
         measured runs (each with ``components``); repeats of one (L, itr) enter as
         their best time (load on a shared machine only ever adds time).
 
+        ``alpha >= 1`` and ``c0, beta >= 0``: a pass runs its kernels on one
+        device, so its wall time is never below its kernel time, and a fit
+        that says otherwise (noise, or kernel timings taken under load) would
+        extrapolate to a wall time below the kernel hours it reports.
+
         With or without the beta term is chosen by how well each, fitted on the
         smaller points, predicts the largest ones: the model is for
         extrapolating, and a term that only soaks up noise at small sizes
@@ -109,23 +133,27 @@ class Calibration:
             train = [i for i, ((L, _), _) in enumerate(pts) if L < top]
             test = [i for i in range(len(pts)) if i not in train]
             best: tuple[float, int] = (math.inf, 3)
+            kern = cols[1]  # alpha = 1 + the fitted extra: wall >= kernel
             for ncols in (2, 3):
                 if len(train) < ncols:
                     continue
                 coef, _ = fit_nonneg(
-                    [[c[i] for i in train] for c in cols[:ncols]], [y[i] for i in train]
+                    [[c[i] for i in train] for c in cols[:ncols]],
+                    [y[i] for i in train],
+                    offset=[kern[i] for i in train],
                 )
                 err = max(
-                    abs(sum(coef[j] * cols[j][i] for j in range(ncols)) / y[i] - 1) for i in test
+                    abs((kern[i] + sum(coef[j] * cols[j][i] for j in range(ncols))) / y[i] - 1)
+                    for i in test
                 )
                 if err < best[0]:
                     best = (err, ncols)
             ncols = best[1]
-            coef, err = fit_nonneg(cols[:ncols], y)
+            coef, err = fit_nonneg(cols[:ncols], y, offset=kern)
             coef += [0.0] * (3 - ncols)
             self.pipeline[p] = {
                 "c0": coef[0],
-                "alpha": coef[1],
+                "alpha": 1.0 + coef[1],
                 "beta": coef[2],
                 "rel_rms": err,
                 "holdout_error": best[0],
@@ -134,16 +162,17 @@ class Calibration:
         self.pipeline_runs = list(runs)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "spread": self.spread()}
 
 
 def _best(old: list[dict] | None, new: list[dict]) -> list[dict]:
-    """Per task, the best time of every round so far."""
+    """Per task, the best time of every round so far (and the worst, as ``*_max``)."""
     if old is None:
         return new
     for o, n in zip(old, new, strict=True):
         for key in ("fwd_s", "bwd_s"):
             o[key] = min(o[key], n[key])
+            o[f"{key}_max"] = max(o.get(f"{key}_max", o[key]), n.get(f"{key}_max", n[key]))
     return old
 
 
@@ -217,7 +246,8 @@ def calibrate(
             + (f", {len(leaf_tasks)} calibration leaves" if leaf_tasks else "")
         )
         # alone (no pipeline rounds to interleave with): several rounds at once
-        n = 5 if not pipeline_points and rounds == 1 else 1
+        # (two at least when alone, so that the spread of repeats is measured)
+        n = 5 if not pipeline_points and rounds == 1 else 2 if rounds == 1 else 1
         samples = _best(samples, time_tasks(sample_tasks, repeats=n, warmup=r == 0, **kw))
         if leaf_tasks:
             leaves = _best(leaves, time_tasks(leaf_tasks, repeats=1, warmup=r == 0, **kw))

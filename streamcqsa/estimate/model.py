@@ -14,11 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamcqsa.cqs.budget import ITEMSIZE, Budget, choose, leaf_device_bytes
-from streamcqsa.cqs.divide import Plan, divide
-from streamcqsa.cqs.interest import chunk_count
-
-PASSES = ("fwd", "bwd")
+import streamcqsa.cqs.budget as planner
+from streamcqsa.cqs.budget import (
+    ITEMSIZE,
+    PASSES,
+    Budget,
+    fit_plan,
+    leaf_device_bytes,
+    leaf_host_bytes,
+)
+from streamcqsa.cqs.divide import DEFAULT_QUORUM, Plan, divide
 
 
 @dataclass(frozen=True)
@@ -62,32 +67,41 @@ class Line:
 
 
 def fit_nonneg(
-    cols: Sequence[Sequence[float]], y: Sequence[float], *, relative: bool = True
+    cols: Sequence[Sequence[float]],
+    y: Sequence[float],
+    *,
+    relative: bool = True,
+    offset: Sequence[float] | None = None,
 ) -> tuple[list[float], float]:
     """Least squares with non-negative coefficients; returns them and the relative
     RMS residual.
 
-    Exhaustive over column subsets (a handful of columns here), so it needs no
-    solver and always returns the best non-negative fit. ``relative`` weighs
-    every point by 1/y (points span orders of magnitude); otherwise large
-    points dominate, which is what an extrapolation to huge tasks wants.
+    The model is ``offset + cols @ coef`` (``offset`` defaults to 0): a known
+    part of y that the fitted terms only add to. Exhaustive over column
+    subsets (a handful of columns here), so it needs no solver and always
+    returns the best non-negative fit. ``relative`` weighs every point by 1/y
+    (points span orders of magnitude); otherwise large points dominate,
+    which is what an extrapolation to huge tasks wants.
     """
     x = np.asarray(cols, dtype=float).T
     yy = np.asarray(y, dtype=float)
+    base = np.zeros_like(yy) if offset is None else np.asarray(offset, dtype=float)
     w = 1.0 / np.maximum(yy, 1e-12) if relative else np.full_like(yy, 1.0 / max(yy.max(), 1e-12))
     best: tuple[float, list[float]] = (math.inf, [0.0] * x.shape[1])
-    for r in range(1, x.shape[1] + 1):
+    for r in range(0 if offset is not None else 1, x.shape[1] + 1):
         for sub in itertools.combinations(range(x.shape[1]), r):
-            coef, *_ = np.linalg.lstsq(x[:, sub] * w[:, None], yy * w, rcond=None)
-            if (coef < 0).any():
-                continue
             full = [0.0] * x.shape[1]
-            for i, c in zip(sub, coef, strict=True):
-                full[i] = float(c)
-            err = float(np.sqrt(np.mean(((x @ np.asarray(full) - yy) * w) ** 2)))
+            if sub:
+                coef, *_ = np.linalg.lstsq(x[:, sub] * w[:, None], (yy - base) * w, rcond=None)
+                if (coef < 0).any():
+                    continue
+                for i, c in zip(sub, coef, strict=True):
+                    full[i] = float(c)
+            err = float(np.sqrt(np.mean(((x @ np.asarray(full) + base - yy) * w) ** 2)))
             if err < best[0]:
                 best = (err, full)
-    rel = float(np.sqrt(np.mean((x @ np.asarray(best[1]) / np.maximum(yy, 1e-12) - 1.0) ** 2)))
+    pred = x @ np.asarray(best[1]) + base
+    rel = float(np.sqrt(np.mean((pred / np.maximum(yy, 1e-12) - 1.0) ** 2)))
     return best[1], rel
 
 
@@ -145,18 +159,13 @@ def compute_dtype(dtype: str, device: str) -> str:
 def task_bytes(
     tokens: int, hq: int, hk: int, d: int, csize: int, ssize: int
 ) -> dict[str, dict[str, int]]:
-    """Device and host bytes of one task per pass.
-
-    Device: the forward is the planner's ``leaf_device_bytes``; the backward
-    holds q, k, v, dout, out in the compute dtype, fp32 lse and dq/dk/dv
-    accumulators, and one block's kernel gradients. Host: the gathered inputs
-    as stored plus the fp32 partial, twice (read buffer and write buffer).
-    """
-    dev_f = leaf_device_bytes(tokens, hq, hk, d, csize)
-    dev_b = tokens * (d * (csize * (3 * hq + 2 * hk) + (4 + csize) * (hq + 2 * hk)) + 4 * hq)
-    host_f = tokens * (d * ssize * (hq + 2 * hk) + 2 * 4 * hq * (d + 1))
-    host_b = tokens * (d * ssize * (3 * hq + 2 * hk) + 4 * hq + 2 * 4 * d * (hq + 2 * hk))
-    return {"device": {"fwd": dev_f, "bwd": dev_b}, "host": {"fwd": host_f, "bwd": host_b}}
+    """Device and host bytes of one task per pass: the planner's own figures
+    (``cqs.budget.leaf_device_bytes`` in the compute dtype, ``leaf_host_bytes``
+    in the stored one), so the estimate and the chooser agree."""
+    return {
+        "device": {k: leaf_device_bytes(tokens, hq, hk, d, csize, k) for k in PASSES},
+        "host": {k: leaf_host_bytes(tokens, hq, hk, d, ssize, k) for k in PASSES},
+    }
 
 
 def plan_cost(
@@ -232,67 +241,70 @@ def choose_plan(
     device_memory: int,
     host_memory: int,
     itr: int | str = "auto",
-    quorum: int = 3,
+    quorum: int = DEFAULT_QUORUM,
     n_cap: int = 1,
     chunk_tokens: int = 65536,
     device: str = "cpu",
     max_itr: int = 7,
 ) -> tuple[Plan, int]:
-    """The plan (and head group) both passes run with: ``run_backward`` reuses the
-    forward's plan, so the backward's larger tasks must fit too.
+    """The plan and head group both passes run with (``plan_choice`` without
+    the number of tasks in flight)."""
+    plan, hg, _ = plan_choice(
+        shape,
+        device_memory=device_memory,
+        host_memory=host_memory,
+        itr=itr,
+        quorum=quorum,
+        n_cap=n_cap,
+        chunk_tokens=chunk_tokens,
+        device=device,
+        max_itr=max_itr,
+    )
+    return plan, hg
 
-    ``itr='auto'`` starts from the planner's choice (``streamcqsa.plan``, sized
-    for the compute dtype of ``device``) and goes deeper only if the backward
-    does not fit; a given ``itr`` only picks the head group.
+
+def plan_choice(
+    shape: Shape,
+    *,
+    device_memory: int,
+    host_memory: int,
+    itr: int | str = "auto",
+    quorum: int = DEFAULT_QUORUM,
+    n_cap: int = 1,
+    chunk_tokens: int = 65536,
+    device: str = "cpu",
+    max_itr: int = 7,
+) -> tuple[Plan, int, int]:
+    """The plan, head group and tasks in flight (at most ``n_cap``) both passes
+    run with: the planner's one chooser (``cqs.budget.choose_plan``, as
+    ``streamcqsa.plan`` and ``itr='auto'`` runs use it), sized for the compute
+    dtype of ``device``. A given ``itr`` only picks the head group and tasks
+    in flight; if nothing fits there, the plan is still returned (with one
+    head per task, ``n_cap`` in flight) so that it can be reported.
     """
     cdt = compute_dtype(shape.dtype, device)
+    common = {
+        "heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "budget": Budget(device_memory, host_memory),
+        "dtype": cdt,
+        "store_dtype": shape.dtype,
+        "batch": shape.batch,
+        "n_cap": n_cap,
+        "chunk_tokens": chunk_tokens,
+    }
     if itr == "auto":
-        est = choose(
+        est, plan = planner.choose_plan(
             seq_len=shape.seq_len,
-            heads=shape.heads,
-            kv_heads=shape.kv_heads,
-            head_dim=shape.head_dim,
-            budget=Budget(device_memory, host_memory),
-            dtype=cdt,
             is_causal=shape.is_causal,
-            batch=shape.batch,
             quorum=quorum,
             max_itr=max_itr,
-            n_cap=n_cap,
-            chunk_tokens=chunk_tokens,
+            **common,  # type: ignore[arg-type]
         )
-        depths: Sequence[int] = range(est.itr, max_itr + 1)
-    elif isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
+        return plan, est.head_group, est.n_cap
+    if isinstance(itr, bool) or not isinstance(itr, int) or itr < 0:
         raise ValueError(f"itr must be a non-negative int or 'auto', got {itr!r}")
-    else:
-        depths = [itr]
-    groups = sorted(g for g in range(1, shape.kv_heads + 1) if shape.kv_heads % g == 0)
-    n = chunk_count(quorum)
-    for depth in depths:
-        # skip depths whose even-split leaf is obviously too big before dividing
-        approx = int(shape.seq_len * (quorum / n) ** depth * 0.9)
-        b = task_bytes(approx, shape.ratio, 1, shape.head_dim, ITEMSIZE[cdt], 4)
-        if b["device"]["bwd"] * n_cap > device_memory and depth != depths[-1]:
-            continue
-        plan = divide(shape.seq_len, depth, quorum, is_causal=shape.is_causal)
-        longest = max(t.length for t in plan.tasks)
-        for hg in reversed(groups):
-            tb = task_bytes(
-                longest,
-                hg * shape.ratio,
-                hg,
-                shape.head_dim,
-                ITEMSIZE[cdt],
-                ITEMSIZE[shape.dtype],
-            )
-            if (
-                max(tb["device"].values()) * n_cap <= device_memory
-                and max(tb["host"].values()) * n_cap <= host_memory
-            ):
-                return plan, hg
-        if len(depths) == 1:  # a fixed itr that does not fit: report it anyway
-            return plan, 1
-    raise ValueError(
-        f"no plan up to itr={max_itr} fits the backward in {device_memory} device bytes; "
-        "raise the budgets or pass --itr"
-    )
+    plan = divide(shape.seq_len, itr, quorum, is_causal=shape.is_causal)
+    fit = fit_plan(plan, **common)  # type: ignore[arg-type]
+    return (plan, fit.head_group, fit.n_cap) if fit is not None else (plan, 1, n_cap)

@@ -30,6 +30,14 @@ def format_report(rep: dict[str, Any]) -> str:
         f"tokens; work {pl['work_over_useful']:.3f} x useful (dense leaves "
         f"{pl['dense_over_useful']:.3f}); planned in {pl['plan_seconds']:.2f} s"
         + ("" if pl["fits"] else "  ** tasks do NOT fit the device budget **"),
+    ]
+    if (pl.get("requested_itr") or pl["itr"]) > pl["itr"]:
+        lines.append(
+            f"         itr={pl['requested_itr']} asked; levels past {pl['itr']} would split "
+            "nothing, so the plan stops there (same work)"
+        )
+    lines += [f"WARNING: {w}" for w in rep.get("warnings", [])]
+    lines += [
         "",
         f"| {'':28} | {'forward':>14} | {'backward':>14} | {'total':>14} |",
         f"|{'-' * 30}|{'-' * 16}|{'-' * 16}|{'-' * 16}|",
@@ -94,6 +102,17 @@ def format_report(rep: dict[str, Any]) -> str:
             f"{pl['leaf_tokens']:,}); the largest ran {big['entries'] / big['fwd_s']:.3g} / "
             f"{big['entries'] / big['bwd_s']:.3g} entries/s (fwd/bwd). Bigger leaves run "
             "bigger blocks, so the hours above lean high."
+        )
+    spread = cal.get("spread") or {}
+    if any(v["samples"] for v in spread.values()):
+        lines.append(
+            "  repeats of one sample task landed apart by "
+            + ", ".join(
+                f"{p} {v['median']:.0%} median / {v['max']:.0%} max"
+                for p, v in spread.items()
+                if v["samples"]
+            )
+            + " (load on this machine; the fits keep each task's best)"
         )
     lines.append(
         f"  fold {cal['fold_s_per_elem']['fwd']:.3g} / {cal['fold_s_per_elem']['bwd']:.3g} "

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from streamcqsa.cqs.divide import divide
+from streamcqsa.cqs.divide import divide, quorum_for
 from streamcqsa.estimate.calibrate import (
     CALIBRATION_POINTS,
     QUICK_POINTS,
@@ -21,8 +21,13 @@ from streamcqsa.estimate.calibrate import (
     _with_components,
     calibrate,
 )
-from streamcqsa.estimate.model import PASSES, Shape, choose_plan, plan_cost
+from streamcqsa.estimate.model import PASSES, Shape, plan_choice, plan_cost
 from streamcqsa.estimate.timing import default_device, pipeline_run
+
+# Repeats of one sample task further apart than this (median over the
+# samples) mean the machine was busy while calibrating: the fitted times,
+# and so the hours, can be off by as much; the report says so.
+SPREAD_WARNING = 0.25
 
 
 def estimate(
@@ -51,7 +56,7 @@ def estimate(
     n_cap = 2 if device.startswith("cuda") else 1  # the pipeline's defaults
     chunk = default_chunk_tokens(shape.seq_len)
     t0 = time.perf_counter()
-    plan, hg = choose_plan(
+    plan, hg, n_cap = plan_choice(
         shape,
         device_memory=device_memory,
         host_memory=host_memory,
@@ -73,7 +78,7 @@ def estimate(
         calibration = calibrate(
             shape,
             itr=plan.itr,
-            quorum=quorum,
+            quorum=quorum_for(plan.itr, quorum),
             head_group=hg,
             # leaves as large as is cheap: small leaves run small blocks, whose
             # per-entry cost is higher than the huge blocks of the full plan
@@ -110,8 +115,10 @@ def estimate(
         "shape": asdict(shape),
         "device": device,
         "budget": {"device_memory": device_memory, "host_memory": host_memory, "n_cap": n_cap},
+        "warnings": warnings(calibration),
         "plan": {
             "itr": plan.itr,
+            "requested_itr": plan.requested_itr,
             "quorum": quorum,
             "head_group": hg,
             "leaves_per_group": cost.leaves,
@@ -128,6 +135,19 @@ def estimate(
         "passes": passes,
         "calibration": calibration.to_dict(),
     }
+
+
+def warnings(cal: Calibration) -> list[str]:
+    """What a reader of the estimate must know about how it was measured."""
+    out = []
+    for p, sp in cal.spread().items():
+        if sp["samples"] and sp["median"] > SPREAD_WARNING:
+            out.append(
+                f"{p} timings of the same sample tasks varied by {sp['median']:.0%} "
+                f"(median; up to {sp['max']:.0%}): this machine was busy while calibrating, "
+                "so the hours may be off by as much; rerun on a quiet machine"
+            )
+    return out
 
 
 def check_model(
@@ -185,7 +205,7 @@ def check_model(
         _with_components(m, cal, shape, quorum, None)
     pred = cal.predict(
         plan_cost(
-            divide(shape.seq_len, itr, quorum, is_causal=shape.is_causal),
+            divide(shape.seq_len, itr, quorum_for(itr, quorum), is_causal=shape.is_causal),
             shape,
             hg,
             measured[0]["chunk_tokens"],

@@ -74,7 +74,8 @@ def time_tasks(
     of load spoils one round of many tasks, not every round of one. The
     backward is fed the task's own out and lse (its cost does not depend on
     whether they are the global ones). On CUDA each pass's peak allocated
-    bytes are recorded too.
+    bytes are recorded too. ``fwd_s_max``/``bwd_s_max`` are the slowest
+    timed round: how far apart repeats of one task landed (the load).
     """
     from streamcqsa.kernels import runner
     from streamcqsa.kernels.backend import get_backend
@@ -110,6 +111,7 @@ def time_tasks(
                 dt = time.perf_counter() - t
                 if r >= first:
                     row[f"{name}_s"] = min(row[f"{name}_s"], dt)
+                    row[f"{name}_s_max"] = max(row.get(f"{name}_s_max", 0.0), dt)
                 if cuda:
                     row[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
             del q, k, v, dout, out, lse

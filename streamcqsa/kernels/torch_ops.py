@@ -11,7 +11,10 @@ otherwise. Called directly, these ops skip what SDPA's wrapper does for
 them, so it is done here: head dims padded to a multiple of 8 (zero columns
 change no score), the flash backward's dense (not varlen) call, and the
 memory-efficient backward's lse padded to 32 rows per head, the layout its
-forward returns and its kernel reads.
+forward returns and its kernel reads. A row whose scores are all -inf (only
+NaN/Inf inputs make one) comes back with lse 0 from the CPU op and +inf from
+the CUDA flash op; both are set to -inf, the empty partial, so that a merge
+gives it no weight.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamcqsa.kernels.backend import Backend
-from streamcqsa.kernels.merge import merge_partials
+from streamcqsa.kernels.merge import merge_partials, normalize_empty_rows
 
 aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
@@ -36,15 +39,39 @@ def _split_at(n: int, causal: bool) -> int:
     return n // 2 // 64 * 64 if causal and _SPLIT[0] < n < _SPLIT[1] else 0
 
 
+def _cpu_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """The CPU flash op, with rows whose scores are all -inf given lse -inf.
+
+    The op returns lse 0 (and out 0) for such rows, a weight a merge would
+    count as real; they arise only from -inf scores (NaN/Inf inputs), and
+    an lse of exactly 0 is rare otherwise, so the suspects are rechecked."""
+    op = aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = op(q, k, v, 0.0, causal, scale=scale)[:2]
+    zero = lse == 0
+    if not zero.any():
+        return out, lse
+    lse = lse.clone()
+    r = q.shape[1] // k.shape[1]
+    for b, h in zero.any(dim=2).nonzero().tolist():
+        rows = zero[b, h].nonzero().flatten()
+        scores = (q[b, h, rows] @ k[b, h // r].transpose(0, 1)) * scale
+        if causal:  # top-left: row i sees keys 0..i
+            keys = torch.arange(k.shape[2], device=q.device)
+            scores = scores.masked_fill(keys > rows.unsqueeze(1), float("-inf"))
+        empty = rows[scores.amax(dim=1) == float("-inf")]
+        lse[b, h, empty] = float("-inf")
+    return out, lse
+
+
 def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):  # noqa: ANN202
     h = _split_at(q.shape[2], causal) if q.shape[2] == k.shape[2] else 0
     if not h:
-        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    op = aten._scaled_dot_product_flash_attention_for_cpu
+        return _cpu_op(q, k, v, causal, scale)
+    op = _cpu_op
     a, b = slice(None, h), slice(h, None)
-    top = op(q[:, :, a], k[:, :, a], v[:, :, a], 0.0, True, scale=scale)
-    below = op(q[:, :, b], k[:, :, a], v[:, :, a], 0.0, False, scale=scale)
-    diag = op(q[:, :, b], k[:, :, b], v[:, :, b], 0.0, True, scale=scale)
+    top = op(q[:, :, a], k[:, :, a], v[:, :, a], True, scale)
+    below = op(q[:, :, b], k[:, :, a], v[:, :, a], False, scale)
+    diag = op(q[:, :, b], k[:, :, b], v[:, :, b], True, scale)
     out = top[0].new_empty(q.shape)
     lse = top[1].new_empty(q.shape[:-1])
     out[:, :, a] = top[0]
@@ -109,11 +136,14 @@ class TorchBackend(Backend):
         q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
         if q.dtype in _HALF and dp <= _FLASH_MAX_DIM:
             res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-            return res[0][..., :d], res[1]
-        res = aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale
-        )
-        return res[0][..., :d], res[1][..., : q.shape[2]]
+            out, lse = res[0][..., :d], res[1]
+        else:
+            res = aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, 0.0, causal, scale=scale
+            )
+            out, lse = res[0][..., :d], res[1][..., : q.shape[2]]
+        # a row whose scores are all -inf (NaN/Inf inputs) must merge as empty
+        return out, normalize_empty_rows(out, lse)
 
     def block_backward(
         self,

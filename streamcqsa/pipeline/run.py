@@ -8,12 +8,15 @@ order is fixed, so the result is bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import os
+import re
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,16 +27,19 @@ import torch
 from dask.callbacks import Callback
 
 from streamcqsa.cqs.budget import unit_device_bytes, unit_host_bytes
-from streamcqsa.cqs.divide import Node, Plan, divide
+from streamcqsa.cqs.divide import Node, Plan, check_quorum, divide
 from streamcqsa.kernels.backend import get_backend
 from streamcqsa.pipeline import worker
 from streamcqsa.pipeline.graph import build_graph
 from streamcqsa.pipeline.guardrail import Guardrail
 from streamcqsa.pipeline.steps import Context, compute_threads
-from streamcqsa.storage.layout import INPUTS, Problem, torch_dtype
+from streamcqsa.storage.layout import INPUTS, Problem, dtype_name, to_stored, torch_dtype
 from streamcqsa.storage.lock import StoreLock
 from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays
 from streamcqsa.storage.store import StoreError, fingerprint, open_group, update_meta
+from streamcqsa.validate import as_flag, as_int, as_itr, as_quorum
+
+log = logging.getLogger(__name__)
 
 
 def clean_orphans(path: Any) -> int:
@@ -81,6 +87,7 @@ def _auto_plan(
         budget=Budget(dev_mem, host),
         # CPU kernels compute half types in fp32: size the tasks for that
         dtype=p.dtype if device.startswith("cuda") else "float32",
+        store_dtype=p.dtype,
         is_causal=p.is_causal,
         batch=p.batch,
         n_cap=guard.get("n_cap", 2),
@@ -99,13 +106,63 @@ def _guard_stats(ctx: Context) -> dict:
 
 
 def resolve_device(device: str) -> str:
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if not isinstance(device, str) or not device.startswith(("cpu", "cuda")):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def _int_arg(name: str, value: Any, minimum: int, *, none: bool = False) -> int | None:
+    return None if value is None and none else as_int(name, value, minimum=minimum)
+
+
+def _is_client(scheduler: Any) -> bool:
+    return not isinstance(scheduler, (str, bytes, Mapping)) and callable(
+        getattr(scheduler, "get", None)
+    )
+
+
+def _is_distributed(scheduler: Any) -> bool:
+    return _is_client(scheduler) or (isinstance(scheduler, str) and "://" in scheduler)
+
+
+def _check_args(store_path: Any, args: dict) -> dict:
+    """Every argument of a pass, checked (numpy ints made ints) before the store
+    is touched: a bad one must fail with nothing written, not leave a pass
+    marked running that the next run refuses to resume."""
+    out = dict(args)
+    out["device"] = resolve_device(args["device"])
+    get_backend(args["backend"], out["device"])  # unknown or unavailable here
+    out["workers"] = _int_arg("workers", args["workers"], 1)
+    for name in ("task_bytes", "device_memory", "n_cap", "head_group"):
+        out[name] = _int_arg(name, args.get(name), 1, none=True)
+    depth = args["unit_depth"]
+    if not (isinstance(depth, str) and depth == "auto"):
+        try:
+            out["unit_depth"] = _int_arg("unit_depth", depth, 0, none=True)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"unit_depth must be 'auto', None or an int >= 0, got {depth!r}"
+            ) from None
+    for name in ("keep_partials", "progress", "restart", "check_inputs"):
+        out[name] = as_flag(name, args[name])
+    sched = args["scheduler"]
+    named = isinstance(sched, str) and sched in ("threads", "sync", "synchronous")
+    if not (sched is None or named or _is_distributed(sched)):
+        raise ValueError(
+            "scheduler must be None, 'threads', 'sync', a scheduler address "
+            f"('tcp://host:port') or a dask.distributed Client, got {sched!r}"
+        )
+    if _is_distributed(sched) and not isinstance(store_path, (str, os.PathLike)):
+        raise ValueError("a distributed run needs a store path on a shared filesystem")
+    if args.get("inject_oom") is not None and not callable(args["inject_oom"]):
+        raise TypeError(f"inject_oom must be callable or None, got {args['inject_oom']!r}")
+    return out
 
 
 def _can_read(arrays: RunArrays) -> bool:
@@ -208,8 +265,8 @@ def _resume_units(
     plan = (entry or {}).get("plan")
     if not plan:
         return "auto", head_group
-    quorums = list(quorum) if isinstance(quorum, Sequence) else [quorum] * itr
-    if plan.get("itr") != itr or list(plan.get("quorums", ())) != quorums:
+    built = divide(problem.seq_len, itr, quorum, is_causal=problem.is_causal)  # may be capped
+    if plan.get("itr") != built.itr or list(plan.get("quorums", ())) != list(built.quorums):
         return "auto", head_group
     if head_group is not None and head_group != plan.get("head_group"):
         return "auto", head_group
@@ -304,7 +361,7 @@ def _execute(
     serves the compute slots (``pipeline.worker``) until the graph is done.
     """
     resources = {"GPU": 1} if gpu else None
-    if scheduler is not None and hasattr(scheduler, "get"):  # a distributed Client
+    if _is_client(scheduler):  # a distributed Client
         scheduler.get(dsk, finals, resources=resources)
         return
     if isinstance(scheduler, str) and "://" in scheduler:
@@ -439,30 +496,28 @@ def run(
     """
     if overlap_io is not None and not isinstance(overlap_io, bool):
         raise TypeError(f"overlap_io must be True, False or None, got {overlap_io!r}")
+    if not (isinstance(itr, str) and itr == "auto"):
+        try:
+            itr = as_itr(itr)
+        except (TypeError, ValueError):
+            raise ValueError(f"itr must be a non-negative int or 'auto', got {itr!r}") from None
+    quorum = as_quorum(quorum)
+    if itr != "auto":
+        check_quorum(quorum, itr)
+    a = _check_args(store_path, locals())
     guard = {
-        "n_cap": n_cap,
-        "budget_bytes": device_memory,
+        "n_cap": a["n_cap"],
+        "budget_bytes": a["device_memory"],
         "inject_oom": inject_oom,
         "overlap_io": overlap_io,
     }
-    return _run_pass(
-        store_path,
-        FWD,
-        itr=itr,
-        quorum=quorum,
-        backend=backend,
-        device=device,
-        scheduler=scheduler,
-        workers=workers,
-        keep_partials=keep_partials,
-        progress=progress,
-        restart=restart,
-        head_group=head_group,
-        task_bytes=task_bytes,
-        unit_depth=unit_depth,
-        check_inputs=check_inputs,
-        guard=guard,
-    )
+    return _run_pass(store_path, FWD, itr=itr, quorum=quorum, guard=guard, **_pass_args(a))
+
+
+def _pass_args(a: dict) -> dict:
+    names = ("backend", "device", "scheduler", "workers", "keep_partials", "progress")
+    names += ("restart", "head_group", "task_bytes", "unit_depth", "check_inputs")
+    return {n: a[n] for n in names}
 
 
 def run_backward(
@@ -485,75 +540,107 @@ def run_backward(
 ) -> dict:
     """Exact dq, dk, dv into the store, from ``dout`` and the stored forward.
 
-    ``dout`` (numpy, torch or dask, [B,H,L,D]) is written into the store
-    first; without it the store must already hold one. Uses the forward's
+    ``dout`` (numpy, torch or dask, [B,H,L,D], the store's dtype) is checked
+    in full (shape, dtype, every value finite) before anything is written.
+    The store keeps a digest of its dout: the same dout again (the same
+    array, or the same seed) resumes an unfinished backward and leaves a
+    finished one as it is; a different dout replaces the stored one and the
+    backward starts over (logged, and ``stats["restarted"]``). Without
+    ``dout`` the store must already hold a complete one. Uses the forward's
     plan and head group, so the partial gradients fold up the same tree;
     ``unit_depth`` and ``task_bytes`` work as in ``run``.
     """
+    a = _check_args(store_path, {**locals(), "head_group": None})
     group, problem, meta = open_group(store_path)
     fwd = meta.get(FWD)
     if not fwd or fwd.get("status") != "done":
         raise StoreError("run_backward needs a finished forward pass: call run() first")
+    digest = None
     if dout is not None:
-        _check_dout(problem, dout)
-        restart = True  # new dout: earlier backward results are stale
+        if isinstance(dout, torch.Tensor):
+            dout = dout.detach()
+        digest = _dout_digest(problem, dout)
+        # a new dout makes earlier backward results stale
+        a["restart"] = a["restart"] or not _same_dout(meta, digest)
     elif (meta.get("dout") or {}).get("status") != "complete":
         raise StoreError(
             "no complete dout in the store (none given yet, or its write was interrupted): "
             "pass dout=... (same shape as q)"
         )
     plan = fwd["plan"]
+    a["head_group"] = plan["head_group"]
+    guard = {"n_cap": a["n_cap"], "budget_bytes": a["device_memory"], "inject_oom": inject_oom}
     return _run_pass(
         store_path,
         BWD,
         itr=plan["itr"],
         quorum=plan["quorums"],
-        backend=backend,
-        device=device,
         dout=dout,
-        scheduler=scheduler,
-        workers=workers,
-        keep_partials=keep_partials,
-        progress=progress,
-        restart=restart,
-        head_group=plan["head_group"],
-        task_bytes=task_bytes,
-        unit_depth=unit_depth,
-        check_inputs=check_inputs,
-        guard={"n_cap": n_cap, "budget_bytes": device_memory, "inject_oom": inject_oom},
+        dout_digest=digest,
+        guard=guard,
+        **_pass_args(a),
     )
 
 
-def _check_dout(problem: Problem, dout: Any) -> None:
-    from streamcqsa.storage.layout import dtype_name
+def _same_dout(meta: dict, digest: str) -> bool:
+    stored = meta.get("dout") or {}
+    return stored.get("status") == "complete" and stored.get("digest") == digest
 
+
+def _dout_digest(problem: Problem, dout: Any) -> str:
+    """Check dout in full (shape, dtype, finite) and digest its stored bytes.
+
+    Reads one chunk row at a time, so a dout of any size is checked before a
+    byte of it is written, and the digest (kept in the store's metadata) is
+    the same for the same values from numpy, torch or dask.
+    """
     shape = (problem.batch, problem.heads, problem.seq_len, problem.head_dim)
-    if tuple(getattr(dout, "shape", ())) != shape:
-        raise ValueError(f"dout must have shape {shape}, got {getattr(dout, 'shape', None)}")
-    if dtype_name(dout.dtype) != problem.dtype:
+    if not hasattr(dout, "shape") or not hasattr(dout, "dtype"):
+        raise TypeError(f"dout must be an array (numpy, torch or dask), got {type(dout).__name__}")
+    if tuple(dout.shape) != shape:
+        raise ValueError(f"dout must have shape {shape} (that of q), got {tuple(dout.shape)}")
+    try:
+        same_dtype = dtype_name(dout.dtype) == problem.dtype
+    except TypeError:
+        same_dtype = False
+    if not same_dtype:
         raise TypeError(f"dout dtype {dout.dtype} differs from the store's {problem.dtype}")
+    h = hashlib.blake2b(repr((shape, problem.dtype)).encode(), digest_size=16)
+    c = problem.chunk_tokens
+    for b in range(problem.batch):
+        for a in range(0, problem.seq_len, c):
+            block = dout[b : b + 1, :, a : a + c, :]
+            if hasattr(block, "compute"):
+                block = block.compute()
+            if not isinstance(block, torch.Tensor):
+                block = torch.from_numpy(np.array(block, dtype=problem.dtype))  # a copy
+            bad = ~torch.isfinite(block.cpu())
+            if bad.any():
+                tokens = bad.any(dim=3).any(dim=1).flatten().nonzero().flatten() + a
+                raise ValueError(
+                    f"dout has NaN/Inf at {len(tokens)} token(s) in positions "
+                    f"[{int(tokens[0])}, {int(tokens[-1])}] of batch {b}; the backward needs "
+                    "a finite dout (dout is not stored; the store is unchanged)"
+                )
+            h.update(np.ascontiguousarray(to_stored(block, problem.dtype)))
+    return h.hexdigest()
 
 
-def _write_dout(group: Any, problem: Problem, dout: Any) -> None:
+def _write_dout(group: Any, problem: Problem, dout: Any, digest: str) -> dict:
+    """Write a dout already checked by ``_dout_digest``; record it (with its
+    digest) as complete only once every chunk is in."""
     from streamcqsa.storage.layout import stored_dtype
     from streamcqsa.storage.store import array_kwargs, write_chunked
 
     if isinstance(dout, torch.Tensor):
         dout = dout.detach().cpu()
-    _check_dout(problem, dout)
     arr = group.create_array(
         "dout",
         shape=(problem.batch, problem.heads, problem.seq_len, problem.head_dim),
         **array_kwargs(stored_dtype(problem.dtype), (1, 1, problem.chunk_tokens, problem.head_dim)),
     )
-    write_chunked(
-        arr,
-        "dout",
-        dout,
-        problem,
-        check_finite=True,
-        note="; dout is not stored and the previous backward is void",
-    )
+    write_chunked(arr, "dout", dout, problem, check_finite=False)
+    return update_meta(group, dout={"status": "complete", "digest": digest})
 
 
 def _run_pass(
@@ -574,6 +661,7 @@ def _run_pass(
     unit_depth: int | str | None,
     check_inputs: bool,
     dout: Any = None,
+    dout_digest: str | None = None,
     guard: dict | None = None,
 ) -> dict:
     t0 = time.perf_counter()
@@ -590,7 +678,6 @@ def _run_pass(
         raise ValueError(f"itr must be a non-negative int or 'auto', got {itr!r}")
     group, problem, meta = open_group(store_path)
     check_writable(store_path)
-    get_backend(backend, device)  # fail early on an unknown or unavailable backend
     if unit_depth == "auto" and not restart:
         unit_depth, head_group = _resume_units(meta.get(kind), problem, itr, quorum, head_group)
     layout = _layout(problem, itr, quorum, head_group, task_bytes, unit_depth, kind, device)
@@ -607,6 +694,7 @@ def _run_pass(
             backend=backend,
             device=device,
             dout=dout,
+            dout_digest=dout_digest,
             guard=guard or {},
             scheduler=scheduler,
             workers=workers,
@@ -629,6 +717,7 @@ def _locked_pass(
     backend: str,
     device: str,
     dout: Any,
+    dout_digest: str | None,
     guard: dict,
     scheduler: Any,
     workers: int,
@@ -650,13 +739,23 @@ def _locked_pass(
             )
     if kind == FWD and not reuse and meta.get(BWD):
         meta = update_meta(group, **{BWD: None})
-    if dout is not None:  # only now: every check above has passed
+    restarted = bool(meta.get(kind)) and not reuse
+    new_dout = dout is not None and not _same_dout(meta, dout_digest or "")
+    if new_dout:  # only now: every check above has passed
+        if meta.get(BWD):
+            state = "finished" if meta[BWD].get("status") == "done" else "unfinished"
+            log.warning(
+                "%s: dout differs from the one stored; the %s backward is discarded and "
+                "starts over",
+                store_path,
+                state,
+            )
+            restarted = True
         # forget the old backward first, and record dout as complete only once
         # it is fully written: a kill in between leaves no usable dout behind
         meta = update_meta(group, dout=None, **{BWD: None})
         _reset(arrays)
-        _write_dout(group, problem, dout)
-        meta = update_meta(group, dout={"status": "complete"})
+        meta = _write_dout(group, problem, dout, dout_digest or "")
         reuse = False
     removed = clean_orphans(store_path)
     if not reuse:
@@ -670,17 +769,15 @@ def _locked_pass(
                 FWD: {
                     "plan": layout.describe(),
                     "status": "running",
+                    "keep_partials": keep_partials,
                     "fingerprint": meta.get("fingerprint"),
                 }
             },
         )
     else:
-        meta = update_meta(group, **{BWD: {"plan": layout.describe(), "status": "running"}})
-    distributed = scheduler is not None and (
-        hasattr(scheduler, "get") or (isinstance(scheduler, str) and "://" in scheduler)
-    )
-    if distributed and not isinstance(store_path, (str, os.PathLike)):
-        raise ValueError("a distributed run needs a store path on a shared filesystem")
+        entry = {"plan": layout.describe(), "status": "running", "keep_partials": keep_partials}
+        meta = update_meta(group, **{BWD: entry})
+    distributed = _is_distributed(scheduler)  # a memory store was refused by _check_args
     ctx = Context(
         store=str(store_path) if distributed else store_path,
         layout=layout,
@@ -723,6 +820,8 @@ def _locked_pass(
         "plan": layout.describe(),
         "units_run": len(units),
         "units_skipped": len(skip),
+        "units": layout.total_units,  # the unit `status` counts too (progress markers)
+        "restarted": restarted,  # earlier work of this pass was discarded
         "orphans_removed": removed,
         "partial_disk_bytes": layout.partial_bytes(kind),
         "keep_partials": keep_partials,
@@ -732,6 +831,8 @@ def _locked_pass(
         # this process's tasks (a distributed run's workers time their own)
         "stages": ctx.stages.summary(time.perf_counter() - t_exec),
     }
+    if kind == BWD:  # "new": written now; "same": the stored one was given again
+        stats["dout"] = "new" if new_dout else "same" if dout is not None else "stored"
     entry = dict(meta[kind])
     entry.update(status="done", stats=stats)
     update_meta(group, **{kind: entry})

@@ -5,6 +5,11 @@ bytes followed by a crc32c trailer: zarr's format, written and read here
 without zarr's per-chunk codec pipeline, all chunks of a selection fetched
 concurrently. zarr reads what this writes and the other way round. Arrays
 with any other codecs take zarr's own path.
+
+A chunk a read needs that is not stored raises ``MissingChunkError`` (see
+``integrity``), unless the caller passes ``missing_ok``. Writes always store
+every chunk, even one that is all fill value, so that "absent" never means
+"zeros" in an array this module wrote.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ import numpy as np
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
-from streamcqsa.storage.integrity import CorruptChunkError, checked_read
+from streamcqsa.storage.integrity import (
+    CorruptChunkError,
+    checked_read,
+    local_root,
+    missing_error,
+)
 
 _PROTO = default_buffer_prototype()
 _CONCURRENCY = 64
@@ -143,11 +152,6 @@ def _write_file(path: Path, pieces: list[np.ndarray]) -> None:
         raise
 
 
-def _local_root(arr: Any) -> Path | None:
-    store = arr.store
-    return Path(store.root) if isinstance(store, LocalStore) else None
-
-
 def _read_into(path: Path, dst: np.ndarray) -> bool:
     """Read a chunk file straight into ``dst`` (C-contiguous); False if absent.
     Raises CorruptChunkError-worthy ValueError on a short file or bad crc."""
@@ -165,11 +169,15 @@ def _read_into(path: Path, dst: np.ndarray) -> bool:
     return True
 
 
-def read(arr: Any, sel: tuple, out: np.ndarray | None = None) -> np.ndarray:
+def read(
+    arr: Any, sel: tuple, out: np.ndarray | None = None, *, missing_ok: bool = False
+) -> np.ndarray:
     """``arr[sel]`` for basic selections; checks every chunk's crc32c.
 
     With ``out`` (shaped like the selection with every dimension kept) the
-    data lands there, whole chunks straight from their files.
+    data lands there, whole chunks straight from their files. A chunk that
+    is not stored raises ``MissingChunkError`` naming the first one, unless
+    ``missing_ok`` (then it reads as the fill value, as in zarr).
     """
     bounds, keep = _norm(arr, sel)
     if out is not None:
@@ -177,7 +185,7 @@ def read(arr: Any, sel: tuple, out: np.ndarray | None = None) -> np.ndarray:
         if out.shape != want or out.dtype != np.dtype(arr.dtype):
             raise ValueError(f"out is {out.dtype}{out.shape}, the selection {arr.dtype}{want}")
     if not fast_path(arr):
-        data = np.asarray(checked_read(arr, sel))
+        data = np.asarray(checked_read(arr, sel, missing_ok=missing_ok))
         if out is None:
             return data
         out[...] = data.reshape(out.shape)
@@ -197,8 +205,9 @@ def read(arr: Any, sel: tuple, out: np.ndarray | None = None) -> np.ndarray:
             dst.append(slice(lo - a, hi - a))
             whole &= hi - lo == c  # the chunk lies wholly inside the selection
         places.append((coord, tuple(src), tuple(dst), whole))
-    root = _local_root(arr)
+    root = local_root(arr)
     rest = []
+    gone: list[tuple[int, ...]] = []
     if root is not None:  # local files: whole chunks land in place, no extra copy
         fast = [p[3] and out[p[2]].flags.c_contiguous for p in places]
         direct = [p for p, f in zip(places, fast, strict=True) if f]
@@ -212,6 +221,7 @@ def read(arr: Any, sel: tuple, out: np.ndarray | None = None) -> np.ndarray:
                 except ValueError:
                     raise CorruptChunkError(arr.path, coord) from None
                 if not found:
+                    gone.append(coord)
                     region[...] = fill
 
             sync(_gather([one(c, d) for c, _, d, _ in direct]))
@@ -220,6 +230,7 @@ def read(arr: Any, sel: tuple, out: np.ndarray | None = None) -> np.ndarray:
     bufs = sync(_gather([arr.store.get(_key(arr, c), _PROTO) for c, _, _, _ in rest]))
     for (coord, src, dst, _), buf in zip(rest, bufs, strict=True):
         if buf is None:
+            gone.append(coord)
             out[dst] = fill
             continue
         raw = buf.as_numpy_array()
@@ -228,20 +239,22 @@ def read(arr: Any, sel: tuple, out: np.ndarray | None = None) -> np.ndarray:
             raise CorruptChunkError(arr.path, coord)
         chunk = body.view(dtype).reshape(arr.chunks)
         out[dst] = chunk[src]
+    if gone and not missing_ok:
+        raise missing_error(arr, sorted(gone))
     return out[tuple(slice(None) if k else 0 for k in keep)]
 
 
 def write(arr: Any, sel: tuple, data: np.ndarray) -> None:
     """``arr[sel] = data`` where sel covers whole chunks (edge chunks padded)."""
-    if not fast_path(arr):
-        arr[sel] = data
+    if not fast_path(arr):  # zarr would drop a chunk that is all fill value
+        arr.with_config({"write_empty_chunks": True})[sel] = data
         return
     bounds, keep = _norm(arr, sel)
     dtype = np.dtype(arr.dtype)
     full = np.asarray(data, dtype=dtype).reshape([z - a for a, z in bounds])
     coros = []
     nbytes = int(np.prod(arr.chunks)) * dtype.itemsize
-    root = _local_root(arr)
+    root = local_root(arr)
     for coord in _chunks(arr, bounds):
         if root is not None:
             pieces = _whole_chunk_pieces(arr, bounds, coord, full)

@@ -8,7 +8,11 @@ rendered as HTML.
 from __future__ import annotations
 
 import html
+import json
+import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -17,6 +21,7 @@ import torch
 
 from streamcqsa.cqs.divide import Node
 from streamcqsa.storage.layout import Problem
+from streamcqsa.storage.lock import LOCK_NAME
 from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays, Unit
 from streamcqsa.storage.store import open_group
 
@@ -104,12 +109,30 @@ class Run:
         return out
 
     def node(self, path: tuple[int, ...] | str, kind: str = FWD) -> Node:
+        """A plan node by name (``"r"``, ``"r.0.2"``) or path (``()``, ``(0, 2)``);
+        ValueError naming valid ones for anything else."""
         lay = self.layout(kind)
         if lay is None:
             raise ValueError(f"no {kind} pass in this store yet")
+        by_path = lay.plan.by_path
+        key: tuple[int, ...] | None = None
         if isinstance(path, str):
-            path = tuple(int(x) for x in path.split(".")[1:])
-        return lay.plan.by_path[tuple(path)]
+            parts = path.split(".")
+            if parts[0] == "r" and all(x.isdigit() for x in parts[1:]):
+                key = tuple(int(x) for x in parts[1:])
+        elif isinstance(path, (tuple, list)) and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in path
+        ):
+            key = tuple(int(x) for x in path)
+        if key is None or key not in by_path:
+            names = [n.name for n in sorted(lay.plan.nodes, key=lambda n: (n.depth, n.path))]
+            shown = ", ".join(repr(n) for n in names[:6])
+            raise ValueError(
+                f"no node {path!r} in the {kind} plan; nodes are named 'r' (the root) and "
+                f"'r.i.j...' (child i, then j), or given as paths like () and (i, j): "
+                f"{shown}{', ...' if len(names) > 6 else ''} ({len(names)} nodes)"
+            )
+        return by_path[key]
 
     def partial(self, task: TaskStatus | tuple[int, ...] | str, *, batch: int = 0) -> Partial:
         """A node's forward partial: its tokens' global positions, out and lse."""
@@ -159,16 +182,54 @@ class Run:
             if not entry:
                 res[kind] = "not started"
                 continue
-            tasks = self.tasks(kind)
-            done = sum(t.units_done for t in tasks)
-            total = sum(t.units for t in tasks)
-            res[kind] = {
-                "status": entry.get("status"),
-                "units_done": done,
-                "units": total,
-                "plan": entry.get("plan"),
-            }
+            res[kind] = {"status": entry.get("status"), **self._units(kind)}
+            res[kind]["plan"] = entry.get("plan")
+            if entry.get("status") == "running":
+                owner = self.lock_owner()
+                if owner is None:
+                    res[kind]["status"] = "interrupted"
+                    res[kind]["hint"] = "interrupted; rerun to resume"
+                else:
+                    res[kind]["owner"] = owner
         return res
+
+    def _units(self, kind: str) -> dict[str, int]:
+        """Done and total units as ``run`` counts them: one per progress marker."""
+        lay = self.layout(kind)
+        assert lay is not None
+        try:
+            done = int(RunArrays(self.group, lay, kind).done().sum())
+        except KeyError:
+            done = 0
+        return {"units_done": done, "units": lay.total_units}
+
+    def lock_owner(self) -> dict | None:
+        """Who holds the store's lock: {"pid", "host", ...}, or None when no live
+        run does (no lock file, or one left by a dead process on this host).
+
+        A pass marked running with no live owner was interrupted (killed, or
+        stopped by an error or Ctrl-C) and resumes when run again. An owner on
+        another host cannot be checked from here and counts as live.
+        """
+        if not isinstance(self.path, (str, os.PathLike)):
+            return {"pid": os.getpid(), "host": socket.gethostname()}  # in memory: this process
+        try:
+            owner = json.loads((Path(self.path) / LOCK_NAME).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"pid": None, "host": None}  # being written: a run is starting
+        if not isinstance(owner, dict):
+            return {"pid": None, "host": None}
+        pid = owner.get("pid")
+        if owner.get("host") == socket.gethostname() and isinstance(pid, int):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass  # alive, another user's
+        return {k: owner.get(k) for k in ("pid", "host", "since")}
 
     def _repr_html_(self) -> str:
         s = self.status()
@@ -190,7 +251,15 @@ class Run:
         )
 
     def __repr__(self) -> str:
-        return f"Run({self.path!r}, {self.status()})"
+        """From the metadata only: a store has one progress marker per unit, and
+        a repr must not read them all."""
+        p = self.problem
+        passes = ", ".join(
+            f"{kind}={(self.meta.get(kind) or {}).get('status', 'not started')}"
+            for kind in (FWD, BWD)
+        )
+        shape = f"B={p.batch} H={p.heads} Hkv={p.kv_heads} L={p.seq_len} D={p.head_dim}"
+        return f"Run({self.path!r}, {shape} {p.dtype}, {passes})"
 
 
 def _bf16_to_f32(block: np.ndarray) -> np.ndarray:

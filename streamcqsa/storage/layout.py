@@ -55,7 +55,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def to_torch(array: np.ndarray, name: str) -> torch.Tensor:
     """Stored numpy data (uint16 for bf16) as a torch tensor of the logical dtype."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # e.g. a memory-mapped .npy: torch wants writable memory
+        array = array.copy()
+    t = torch.from_numpy(array)
     return t.view(torch.bfloat16) if name == "bfloat16" else t
 
 

@@ -1,22 +1,54 @@
 """One driver per store: a lock file naming its owner (pid, host, start time).
 
 Only the driver of a run takes the lock; the workers of one distributed run
-are not separate runs. A lock whose owner process is gone (same host, pid not
-alive) is stale and is taken over.
+are not separate runs. Rules:
+
+- The lock is the file's existence, and it never exists without its owner:
+  the owner record is written to a private temporary file first and
+  hard-linked to the lock's name, which fails if the name exists, so of any
+  number of contenders exactly one gets it and every loser can name it.
+  Where the filesystem has no hard links the file is created exclusively and
+  then written; a contender that finds it still unwritten waits a moment.
+- A lock whose owner cannot be read is being written by a live process, never
+  stale, unless it is older than ``UNREADABLE_STALE_S``.
+- A lock is stale when its owner is gone: same host, pid not alive. Taking
+  one over is itself guarded by a lock: the taker first takes a *claim* named
+  after that exact lock file (device, inode, mtime, content) by the same link
+  rule, checks the lock is still that file, and only then replaces it, by an
+  atomic rename (the lock never vanishes, so no newcomer slips in). Two
+  takers of one stale lock cannot both win; a taker that died holding its claim
+  left a stale claim, which is taken over the same way.
+- A lock from another host is never stale (its pid means nothing here): the
+  error names the file to remove once that run is known to be dead.
+
+``replacing`` builds a store's new contents under that lock and swaps them in
+only when complete, so a failed or refused (over)write loses nothing.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import secrets
+import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamcqsa.storage.store import StoreError
+from streamcqsa.errors import StoreBusyError, StoreError
 
 LOCK_NAME = "stream-cqsa.lock"
+UNREADABLE_STALE_S = 60.0  # an owner not written after this long was abandoned
+OWNER_WAIT_S = 1.0  # how long to wait for an owner being written to appear
+TAKEOVER_WAIT_S = 10.0  # how long to wait for another process's takeover to finish
+_MAX_CLAIM_DEPTH = 2  # a claim on a claim covers one dead taker; deeper is refused
+_NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 
 
 def _alive(pid: int) -> bool:
@@ -29,50 +61,303 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """One read of a lock (or claim) file: which file it is and whom it names."""
+
+    ident: str  # device, inode, mtime and content: this file, not just its name
+    raw: bytes
+    owner: dict | None  # None: empty or not (yet) a complete owner record
+    age: float
+
+    @property
+    def stale(self) -> bool:
+        if self.owner is None:
+            return self.age > UNREADABLE_STALE_S
+        return self.owner["host"] == socket.gethostname() and not _alive(self.owner["pid"])
+
+
+def _parse(raw: bytes) -> dict | None:
+    try:
+        owner = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(owner, dict):
+        return None
+    pid, host = owner.get("pid"), owner.get("host")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid < 1 or not isinstance(host, str):
+        return None
+    return owner
+
+
+def _read(file: Path) -> _Seen | None:
+    """The file as it is now, or None if it does not exist."""
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        raw = os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:".encode() + raw
+    ident = hashlib.blake2b(key, digest_size=12).hexdigest()
+    return _Seen(ident, raw, _parse(raw), time.time() - st.st_mtime)
+
+
+class _Held(Exception):
+    """Internal: the file is held by the owner in ``seen``."""
+
+    def __init__(self, seen: _Seen) -> None:
+        self.seen = seen
+
+
 class StoreLock:
-    """Context manager: exclusive use of a directory store (no-op in memory)."""
+    """Context manager: exclusive use of a directory store (no-op in memory).
+
+    Raises StoreBusyError naming the owner when another run holds the store.
+    """
 
     def __init__(self, path: Any) -> None:
         self.file = Path(path) / LOCK_NAME if isinstance(path, (str, os.PathLike)) else None
-        self.taken_over: dict | None = None
+        self.taken_over: dict | None = None  # the stale owner replaced, if any
+        self._raw: bytes | None = None  # our owner record while we hold the lock
+        self._links = True
 
     def __enter__(self) -> StoreLock:
         if self.file is None:
             return self
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(3):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is None or self._stale(owner):
-                    self.taken_over = owner
-                    self.file.unlink(missing_ok=True)
-                    continue
-                raise StoreError(
-                    f"store {self.file.parent} is in use by pid {owner.get('pid')} on host "
-                    f"{owner.get('host')} (since {time.ctime(owner.get('since', 0))}); "
-                    f"if that run is dead on another host, remove {self.file}"
-                ) from None
-            except PermissionError as e:
-                raise StoreError(f"store {self.file.parent} is not writable: {e}") from e
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return self
-        raise StoreError(f"could not take the lock {self.file}: another run keeps taking it")
-
-    def _owner(self) -> dict | None:
+        token = secrets.token_hex(8)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+            "token": token,
+        }
+        raw = json.dumps(me).encode()
+        tmp = self.file.with_name(f"{LOCK_NAME}.{os.getpid()}.{token}.tmp")
         try:
-            return json.loads(self.file.read_text())  # type: ignore[union-attr]
-        except (OSError, ValueError):
-            return None  # half-written or vanished: treat as stale
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileNotFoundError:
+            raise StoreError(f"no run store at {self.file.parent}: path does not exist") from None
+        except OSError as e:
+            raise StoreError(f"store {self.file.parent} is not writable: {e}") from e
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            self._take(self.file, tmp, raw, 0)
+        except FileNotFoundError:
+            raise StoreError(f"store {self.file.parent} was removed while locking it") from None
+        except _Held as h:
+            raise StoreBusyError(self._busy(h.seen)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._raw = raw
+        self._sweep()
+        return self
+
+    def _take(self, target: Path, tmp: Path, raw: bytes, depth: int) -> None:
+        """Make ``target`` ours (linked to ``tmp``) or raise _Held naming its owner."""
+        deadline = time.monotonic() + TAKEOVER_WAIT_S
+        while True:
+            if self._place(tmp, target, raw):
+                return
+            seen = _read(target)
+            if seen is not None and seen.owner is None and not seen.stale:
+                seen = self._await_owner(target, seen)
+            if seen is None:
+                pass  # released meanwhile: try again
+            elif not seen.stale or depth >= _MAX_CLAIM_DEPTH:
+                raise _Held(seen)
+            elif self._take_over(target, seen, tmp, raw, depth, deadline):
+                return
+            if time.monotonic() > deadline:
+                raise StoreBusyError(
+                    f"could not take {target}: other processes kept taking and releasing it"
+                )
+            time.sleep(0.001)
+
+    def _take_over(
+        self, target: Path, seen: _Seen, tmp: Path, raw: bytes, depth: int, deadline: float
+    ) -> bool:
+        """Replace the stale ``target`` (as read in ``seen``) under a claim on it.
+
+        Only the claim's holder may replace the file, and only while it is still
+        the one judged stale. False: another process holds the claim, or the
+        lock changed since it was read; the caller reads it again.
+        """
+        claim = target.with_name(f"{target.name}.takeover-{seen.ident}")
+        try:
+            self._take(claim, tmp, raw, depth + 1)
+        except _Held:
+            if time.monotonic() > deadline:
+                raise  # named: the process that has been taking it over all this time
+            return False  # a live process is taking it over: see what it leaves
+        try:
+            now = _read(target)
+            if now is None or now.ident != seen.ident:
+                return False
+            # one atomic step: the lock never vanishes, so no newcomer slips in
+            swap = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.swap")
+            try:
+                swap.write_bytes(raw)
+                os.replace(swap, target)
+            finally:
+                swap.unlink(missing_ok=True)
+            if depth == 0:
+                self.taken_over = seen.owner or {}
+            return True
+        finally:
+            claim.unlink(missing_ok=True)
+
+    def _place(self, tmp: Path, target: Path, raw: bytes) -> bool:
+        """Create ``target`` holding our owner record, only if it does not exist."""
+        if self._links:
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                # NFS may answer EEXIST to a retried link that did succeed
+                try:
+                    a, b = os.stat(target), os.stat(tmp)
+                except FileNotFoundError:
+                    return False
+                return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+            except OSError as e:
+                if e.errno not in _NO_LINK:
+                    raise StoreError(f"could not create the lock {target}: {e}") from e
+                self._links = False  # no hard links here: exclusive create, then write
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        return True
 
     @staticmethod
-    def _stale(owner: dict) -> bool:
-        return owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0)))
+    def _await_owner(target: Path, seen: _Seen) -> _Seen | None:
+        """Wait for the owner of a lock being written (exclusive create, then write)."""
+        deadline = time.monotonic() + OWNER_WAIT_S
+        while seen is not None and seen.owner is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+            seen = _read(target)
+        return seen
+
+    def _busy(self, seen: _Seen) -> str:
+        where, file = self.file.parent, self.file  # type: ignore[union-attr]
+        owner = seen.owner
+        if owner is None:
+            return (
+                f"store {where} is in use: its lock {file} names no owner yet (a run is "
+                f"starting); if no run is using the store, remove {file}"
+            )
+        since = owner.get("since", 0)
+        since = time.ctime(since) if isinstance(since, (int, float)) else "?"
+        return (
+            f"store {where} is in use by pid {owner['pid']} on host {owner['host']} "
+            f"(since {since}); if that run is dead on another host, remove {file}"
+        )
+
+    def _sweep(self) -> None:
+        """Remove temporary and claim files that dead processes left (best effort)."""
+        for f in self.file.parent.glob(f"{LOCK_NAME}.*"):  # type: ignore[union-attr]
+            try:
+                seen = _read(f)
+                if seen is not None and seen.owner is not None and seen.stale:
+                    f.unlink(missing_ok=True)
+            except OSError:
+                pass  # not ours to judge (a directory, no permission): leave it
 
     def __exit__(self, *exc: object) -> None:
-        if self.file is not None:
-            owner = self._owner()
-            if owner and owner.get("pid") == os.getpid():
-                self.file.unlink(missing_ok=True)
+        if self.file is None or self._raw is None:
+            return
+        seen = _read(self.file)
+        if seen is not None and seen.raw == self._raw:
+            self.file.unlink(missing_ok=True)
+        self._raw = None
+
+
+# -- replacing a store's contents under its lock ----------------------------
+
+OURS = ".stream-cqsa-"  # prefix of the build and swap directories inside a store
+
+
+def _foreign(p: Path) -> list[Path]:
+    """Entries of p that are not the lock's or a create's own bookkeeping."""
+    return [e for e in p.iterdir() if not e.name.startswith((LOCK_NAME, OURS))]
+
+
+def _check_target(p: Path, overwrite: bool) -> None:
+    if p.is_file():
+        raise StoreError(f"{p} is a file, not a run store directory")
+    if p.is_dir() and _foreign(p):
+        if not overwrite:
+            raise StoreError(f"{p} exists and is not empty; pass overwrite=True")
+        if not (p / "zarr.json").exists():
+            raise StoreError(f"{p} is not a run store; refusing to overwrite it")
+
+
+@contextmanager
+def replacing(path: Any, overwrite: bool) -> Iterator[Any]:
+    """Build a store's new contents, then swap them in: yields where to build.
+
+    For a directory this holds the store's lock throughout (StoreBusyError if
+    a run holds it), builds in a private directory inside the store, and only
+    when the body finished moves the old entries aside and the new ones in
+    (``zarr.json`` last, so the directory is a run store again only when
+    complete). If the body raises, the old store is left as it was, and a
+    directory this call created is removed. A store object (not a path) is
+    built in place.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        yield path
+        return
+    p = Path(path)
+    _check_target(p, overwrite)  # refuse before making anything
+    try:
+        p.mkdir(parents=True)
+        made = True
+    except FileExistsError:
+        made = False
+    except OSError as e:
+        raise StoreError(f"cannot create the run store directory {p}: {e}") from e
+    with StoreLock(p):
+        try:
+            _check_target(p, overwrite)  # as of holding the lock
+            build = p / f"{OURS}build-{os.getpid()}-{secrets.token_hex(4)}"
+            build.mkdir()
+            yield build
+            _swap_in(p, build)
+        except BaseException:
+            if made:
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                shutil.rmtree(build, ignore_errors=True)
+            raise
+
+
+def _swap_in(p: Path, build: Path) -> None:
+    """Move p's entries aside and build's in; on failure move everything back."""
+    old = p / f"{OURS}old-{os.getpid()}-{secrets.token_hex(4)}"
+    current = sorted(_foreign(p), key=lambda e: e.name != "zarr.json")  # zarr.json first
+    new = sorted(build.iterdir(), key=lambda e: e.name == "zarr.json")  # zarr.json last
+    moved: list[tuple[Path, Path]] = []
+    try:
+        if current:
+            old.mkdir()
+        for src, dst in [(e, old / e.name) for e in current] + [(e, p / e.name) for e in new]:
+            os.rename(src, dst)
+            moved.append((src, dst))
+    except BaseException:
+        for src, dst in reversed(moved):
+            try:
+                os.rename(dst, src)
+            except OSError:
+                pass
+        raise
+    # the lock is held: other build and swap directories are a dead create's
+    for e in p.iterdir():
+        if e.name.startswith(OURS):
+            shutil.rmtree(e, ignore_errors=True)

@@ -26,9 +26,11 @@ import torch
 import zarr
 
 from streamcqsa.cqs.divide import Node, Plan
+from streamcqsa.kernels.nonfinite import poison_masked_rows
 from streamcqsa.storage import chunkio
 from streamcqsa.storage.integrity import checked_read
 from streamcqsa.storage.layout import (
+    ATTR,
     GRADS,
     Problem,
     stored_dtype,
@@ -155,6 +157,13 @@ class Layout:
     def unit_index(self) -> dict[tuple[str, tuple[int, ...], int], int]:
         return {(u.kind, u.node, u.piece): i for i, u in enumerate(self.group_units)}
 
+    def unit_at(self, i: int) -> Unit:
+        """The unit numbered ``i`` (the inverse of ``index``)."""
+        bg, local = divmod(int(i), len(self.group_units))
+        b, g = divmod(bg, self.groups)
+        u = self.group_units[local]
+        return Unit(u.kind, b, g, u.node, u.piece)
+
     def index(self, unit: Unit) -> int:
         per = len(self.group_units)
         return (unit.b * self.groups + unit.g) * per + self.unit_index[
@@ -197,6 +206,13 @@ class RunArrays:
         self.layout = layout
         self.kind = kind
         self._open: dict[str, Any] = {}
+
+    @cached_property
+    def v_nonfinite_last(self) -> torch.Tensor | None:
+        """[B, Hkv, D]: V's last non-finite token per column, recorded by a
+        causal ``create(..., allow_nonfinite=True)``; None when V is finite."""
+        last = dict(self.group.attrs[ATTR]).get("v_nonfinite_last")
+        return None if last is None else torch.tensor(last, dtype=torch.int64)
 
     def array(self, path: str) -> Any:
         """Open an array once (opening reads its metadata from the store)."""
@@ -246,8 +262,9 @@ class RunArrays:
 
     # -- markers ---------------------------------------------------------------
     def done(self) -> np.ndarray:
+        """Which units are marked done (a marker never written reads as not done)."""
         arr = self.array(self.marker_path)
-        return np.asarray(checked_read(arr, (slice(None),))).astype(bool)
+        return np.asarray(checked_read(arr, (slice(None),), missing_ok=True)).astype(bool)
 
     def is_done(self, unit: Unit) -> bool:
         return bool(self.array(self.marker_path)[self.layout.index(unit)])
@@ -278,6 +295,9 @@ class RunArrays:
         arr, off = self._where(node, name)
         rows = t.shape[2]
         if len(node) == 0:  # final outputs: the logical dtype
+            if name == "out" and self.v_nonfinite_last is not None:
+                last = self.v_nonfinite_last[b : b + 1, self.layout.kv_heads(g)]
+                t = poison_masked_rows(t.clone(), last, start=a)  # as SDPA: 0 * inf = NaN
             data = t if name == "lse" else to_stored(t, self.layout.problem.dtype)
             if isinstance(data, torch.Tensor):
                 data = data.numpy()
@@ -292,6 +312,25 @@ class RunArrays:
         chunkio.write(
             arr, (slice(b, b + 1), self.heads(name, g), slice(off + a, off + a + rows)), data
         )
+
+    def unit_chunks(self, unit: Unit) -> list[tuple[str, tuple[int, ...]]]:
+        """(array path, chunk) of every chunk a unit writes: what its done
+        marker vouches for. Partial chunks span one head group; output chunks
+        one head each."""
+        lay = self.layout
+        node = lay.plan.by_path[unit.node]
+        pieces = range(lay.pieces(node)) if unit.kind == "task" else [unit.piece]
+        first = lay.regions[unit.node] // lay.chunk if unit.node else 0
+        out = []
+        for name in partial_names(self.kind):
+            tail = () if name == "lse" else (0,)
+            if unit.node:
+                path, heads = self.partial_path(len(unit.node), name), [unit.g]
+            else:
+                hs = self.heads(name, unit.g)
+                path, heads = name, list(range(hs.start, hs.stop))
+            out += [(path, (unit.b, h, first + j, *tail)) for h in heads for j in pieces]
+        return out
 
     def delete_node(self, node: tuple[int, ...], b: int, g: int) -> None:
         """Drop a node's partial chunks for one (batch, head group)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,10 @@ from streamcqsa.storage.layout import (
     dtype_name,
     stored_dtype,
     to_stored,
+    to_torch,
 )
+from streamcqsa.storage.lock import replacing
+from streamcqsa.validate import as_flag, check_finite
 
 StorePath = str | os.PathLike | zarr.storage.StoreLike
 
@@ -54,19 +56,6 @@ def array_kwargs(dtype: str, chunks: tuple[int, ...]) -> dict[str, Any]:
         fill_value=0,
         overwrite=True,
     )
-
-
-def _check_overwrite(path: Any, overwrite: bool) -> None:
-    if isinstance(path, (str, os.PathLike)):
-        p = Path(path)
-        if p.is_file():
-            raise StoreError(f"{p} is a file, not a run store directory")
-        if p.exists() and any(p.iterdir()):
-            if not overwrite:
-                raise StoreError(f"{p} exists and is not empty; pass overwrite=True")
-            if not (p / "zarr.json").exists():
-                raise StoreError(f"{p} is not a run store; refusing to overwrite it")
-            shutil.rmtree(p)
 
 
 def _problem(
@@ -143,8 +132,11 @@ def create(
     """Write q [B,H,L,D], k, v [B,Hkv,L,D] (numpy, torch or dask) into a new store.
 
     Inputs are copied one store chunk at a time (a dask array is computed
-    chunk by chunk, never whole). Validation happens before anything is
-    written; a failure while writing removes the half-made store.
+    chunk by chunk, never whole). Shapes and dtypes are checked before
+    anything is written. A directory store is built in a private directory
+    (the data checked for NaN/Inf as it is copied) and swapped in only when
+    complete (``lock.replacing``): any failure leaves an existing store as it
+    was, and a store another run holds is refused (StoreBusyError).
     """
     srcs = [_as_source(x) for x in (q, k, v)]
     for name, x in zip(INPUTS, srcs, strict=True):
@@ -162,10 +154,12 @@ def create(
         scale,
         chunk_tokens,
     )
-    _check_overwrite(path, overwrite)
-    try:
-        group = _init_group(path, problem)
+    allow_nonfinite = as_flag("allow_nonfinite", allow_nonfinite)
+    with replacing(path, overwrite) as target:
+        group = _init_group(target, problem)
+        last: list = []  # causal: the last non-finite token of each V column
         for name, x in zip(INPUTS, srcs, strict=True):
+            seen = _track_last(last, problem) if name == "v" and allow_nonfinite else None
             write_chunked(
                 group[name],
                 name,
@@ -173,20 +167,47 @@ def create(
                 problem,
                 check_finite=not allow_nonfinite,
                 note="; nothing was written",
+                on_block=seen,
             )
         _finish_inputs(group, problem)
-    except BaseException:
-        _remove(path)
-        raise
+        if last and problem.is_causal:
+            update_meta(group, v_nonfinite_last=last[0].tolist())
     return path
 
 
+def _track_last(last: list, problem: Problem) -> Any:
+    """A write_chunked callback folding ``last_nonfinite`` over V's chunks
+    into ``last[0]`` ([B, Hkv, D]; absent while V is finite)."""
+    from streamcqsa.kernels.nonfinite import last_nonfinite
+
+    def seen(b: int, a: int, data: np.ndarray) -> None:
+        found = last_nonfinite(to_torch(data, problem.dtype), offset=a)
+        if found is None:
+            return
+        if not last:
+            shape = (problem.batch, problem.kv_heads, problem.head_dim)
+            last.append(torch.full(shape, -1, dtype=torch.int64))
+        last[0][b] = torch.maximum(last[0][b], found[0])
+
+    return seen
+
+
 def write_chunked(
-    arr: Any, name: str, src: Any, problem: Problem, *, check_finite: bool, note: str = ""
+    arr: Any,
+    name: str,
+    src: Any,
+    problem: Problem,
+    *,
+    check_finite: bool,
+    note: str = "",
+    on_block: Any = None,
 ) -> None:
     """Copy src [B,H,L,D] (numpy, torch or dask) into arr one store chunk row at a
     time, so nothing larger than a chunk row is ever in memory."""
     c = problem.chunk_tokens
+    # every chunk must exist once written (a missing one is an error, not zeros),
+    # so all-zero chunks are written too
+    arr = arr.with_config({"write_empty_chunks": True})
     for b in range(problem.batch):
         for a in range(0, problem.seq_len, c):
             z = min(a + c, problem.seq_len)
@@ -196,13 +217,12 @@ def write_chunked(
             data = _stored_block(block, problem.dtype)
             if check_finite:
                 _check_finite(name, b, a, data, problem.dtype, note)
+            if on_block is not None:
+                on_block(b, a, data)
             arr[b : b + 1, :, a:z, :] = data
 
 
 def _check_finite(name: str, b: int, start: int, data: np.ndarray, dtype: str, note: str) -> None:
-    from streamcqsa.attention import check_finite
-    from streamcqsa.storage.layout import to_torch
-
     try:
         check_finite(name, to_torch(data, dtype), offset=start)
     except ValueError as e:
@@ -237,7 +257,9 @@ def create_random(
     """A store of standard-normal inputs (times ``std``), one chunk at a time.
 
     Each (array, batch, head, chunk) has its own seed, so the data does not
-    depend on chunk order and no step holds more than one chunk.
+    depend on chunk order and no step holds more than one chunk. Every
+    argument is checked before anything is written, and an existing store is
+    replaced only by a complete new one, as in ``create``.
     """
     kv_heads = heads if kv_heads is None else kv_heads
     name = dtype_name(dtype)
@@ -260,30 +282,32 @@ def create_random(
         scale,
         chunk_tokens,
     )
-    _check_overwrite(path, overwrite)
-    try:
-        group = _init_group(path, problem)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if isinstance(std, bool) or not isinstance(std, (int, float, np.integer, np.floating)):
+        raise TypeError(f"std must be a float, got {std!r}")
+    if not np.isfinite(std) or std < 0:
+        raise ValueError(f"std must be finite and >= 0, got {std}")
+    with replacing(path, overwrite) as target:
+        group = _init_group(target, problem)
         c = problem.chunk_tokens
         for ai, arr_name in enumerate(INPUTS):
-            arr = group[arr_name]
-            nh = arr.shape[1]
+            arr = group[arr_name].with_config({"write_empty_chunks": True})
             for b in range(batch):
-                for h in range(nh):
+                for h in range(arr.shape[1]):
                     for j, a in enumerate(range(0, seq_len, c)):
                         z = min(a + c, seq_len)
                         rng = np.random.default_rng([seed, ai, b, h, j])
                         x = rng.standard_normal((1, 1, z - a, head_dim), dtype=np.float32) * std
-                        arr[b : b + 1, h : h + 1, a:z, :] = _stored_block(torch.from_numpy(x), name)
+                        data = _stored_block(torch.from_numpy(x), name)
+                        if not torch.isfinite(to_torch(data, name)).all():
+                            raise ValueError(
+                                f"std={std} is too large for {name}: values overflow to "
+                                "inf; nothing was written"
+                            )
+                        arr[b : b + 1, h : h + 1, a:z, :] = data
         _finish_inputs(group, problem)
-    except BaseException:
-        _remove(path)
-        raise
     return path
-
-
-def _remove(path: Any) -> None:
-    if isinstance(path, (str, os.PathLike)) and Path(path).exists():
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def fingerprint(group: zarr.Group, *, local: bool = True) -> str:

@@ -1,0 +1,7 @@
+"""``python -m streamcqsa``: the ``streamcqsa`` command line."""
+
+import sys
+
+from streamcqsa.cli import main
+
+sys.exit(main())
