@@ -49,17 +49,14 @@ def merge_partials(
         return out
     lses = torch.stack([lse for _, lse in parts])
     m = lses.amax(dim=0)
-    if torch.isposinf(m).any():  # rare: the +inf parts share those rows equally
-        pos = torch.isposinf(m)
-        m_safe = torch.where(torch.isfinite(m), m, 0.0)
-        w = torch.where(pos, torch.isposinf(lses).to(lses.dtype), torch.exp(lses - m_safe))
-        total = w.sum(dim=0)
-        lse = torch.where(pos, m, m_safe + torch.log(total))
-    else:
-        m_safe = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
-        w = torch.exp(lses - m_safe)
-        total = w.sum(dim=0)
-        lse = m_safe + torch.log(total)  # total == 0 (all empty) gives -inf
+    # One branch-free formula for every row: a branch on the values would
+    # wait for the device. Rows whose max is +inf are shared equally by their
+    # +inf parts; rows without a finite max (all empty, NaN) shift by 0.
+    pos = torch.isposinf(m)
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)
+    w = torch.where(pos, torch.isposinf(lses).to(lses.dtype), torch.exp(lses - m_safe))
+    total = w.sum(dim=0)
+    lse = torch.where(pos, m, m_safe + torch.log(total))  # total == 0 (all empty) gives -inf
     # total is 0 or >= 1 (the max term is exp(0)), so clamping only fixes 0/0
     c = (w / total.clamp_min(1.0)).unsqueeze(-1)
     acc = torch.mul(parts[0][0], c[0], out=out[0] if out else None)

@@ -1,20 +1,33 @@
 """PyTorch's private attention ops that return lse: the default backend.
 
 CPU: the flash op for CPU (GQA by broadcast, top-left causal). Half types are
-computed in fp32 on CPU: as fast as the half kernels there and more exact.
-Its key tiles are 512 wide, so it computes a causal block of under 512
-tokens as a full square: triangles of between 256 and 768 tokens run as two
-half triangles and the rectangle between them (at 512 tokens, B=1, H=4,
-D=64: 1.54 -> 1.22 ms forward, 4.58 -> 3.25 ms backward, torch 2.13).
+computed in fp32 on CPU (``kernels.device``). Its key tiles are 512 wide, so
+it computes a causal block of under 512 tokens as a full square: triangles
+of between 256 and 768 tokens run as two half triangles and the rectangle
+between them.
 CUDA: the flash op for fp16/bf16 (head dim <= 256), the memory-efficient op
 otherwise. Called directly, these ops skip what SDPA's wrapper does for
-them, so it is done here: head dims padded to a multiple of 8 (zero columns
-change no score), the flash backward's dense (not varlen) call, and the
-memory-efficient backward's lse padded to 32 rows per head, the layout its
-forward returns and its kernel reads. A row whose scores are all -inf (only
-NaN/Inf inputs make one) comes back with lse 0 from the CPU op and +inf from
-the CUDA flash op; both are set to -inf, the empty partial, so that a merge
-gives it no weight.
+them, so it is done here, as SDPA does it:
+
+- head dims padded to a multiple of 8 (zero columns change no score);
+- GQA: the flash kernels take fewer kv heads and sum dk/dv over each group
+  themselves; the memory-efficient kernels do not, so only there are k and
+  v repeated per query head (and dk/dv summed back);
+- the flash backward's dense (not varlen) call;
+- the memory-efficient backward's lse padded to 32 rows per head, the layout
+  its forward returns and its kernel reads;
+- the memory-efficient backward computes delta = rowsum(dO * O) itself for
+  half types and reads ``out`` with a row stride fixed at heads x head dim,
+  so ``out`` (and ``dout``, which it would copy anyway) go in laid out as
+  SDPA's forward allocates them: [B, M, H, D] memory viewed as [B, H, M, D];
+- the memory-efficient kernels keep row and head strides in int32: an input
+  whose strides would overflow (a view into a long task) is copied into that
+  same layout, whose strides are heads x head dim and head dim at any length.
+  Kernels read rows through strides, so a copy gives the bits of a view.
+
+A row whose scores are all -inf (only NaN/Inf inputs make one) comes back
+with lse 0 from the CPU op and +inf from the CUDA flash op; both are set to
+-inf, the empty partial, so that a merge gives it no weight.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamcqsa.kernels.backend import Backend
+from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.merge import merge_partials, normalize_empty_rows
 
 aten = torch.ops.aten
@@ -105,10 +119,33 @@ def _pad_dim(x: Tensor, d: int) -> Tensor:
     return x if x.shape[-1] == d else F.pad(x, (0, d - x.shape[-1]))
 
 
-def _expand_kv(k: Tensor, heads: int) -> Tensor:
-    if k.shape[1] == heads:
-        return k
-    return k.repeat_interleave(heads // k.shape[1], dim=1)
+def _uses_flash(dtype: torch.dtype, padded_dim: int) -> bool:
+    """The CUDA flash kernels take fp16/bf16 up to head dim 256."""
+    return dtype in _HALF and padded_dim <= _FLASH_MAX_DIM
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _efficient_input(
+    x: Tensor, heads: int, dp: int, dtype: torch.dtype, *, bmhd: bool = False
+) -> Tensor:
+    """x [B, h, n, d] as the memory-efficient kernels read it: ``heads`` heads
+    (kv heads repeated per query head), head dim padded to ``dp``, ``dtype``,
+    row and head strides within int32; with ``bmhd`` in [B, n, heads, dp]
+    memory. A copy, when one is needed, is always laid out that way."""
+    b, h, n, d = x.shape
+    if bmhd:
+        laid_out = x.transpose(1, 2).is_contiguous()
+    else:
+        laid_out = x.stride(3) == 1 and max(x.stride(1), x.stride(2)) <= _INT32_MAX
+    if laid_out and h == heads and d == dp and x.dtype == dtype:
+        return x
+    buf = x.new_empty((b, n, heads, dp), dtype=dtype)
+    if dp > d:
+        buf[..., d:].zero_()
+    buf.view(b, n, h, heads // h, dp)[..., :d].copy_(x.transpose(1, 2).unsqueeze(3))
+    return buf.transpose(1, 2)
 
 
 def _reduce_kv(dk: Tensor, kv_heads: int) -> Tensor:
@@ -118,32 +155,83 @@ def _reduce_kv(dk: Tensor, kv_heads: int) -> Tensor:
     return dk.reshape(b, kv_heads, h // kv_heads, n, d).sum(dim=2)
 
 
+def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):  # noqa: ANN202
+    heads, m = q.shape[1], q.shape[2]
+    d, dp = q.shape[-1], _padded_dim(q.shape[-1])
+    if _uses_flash(q.dtype, dp):
+        q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
+        res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        out, lse = res[0][..., :d], res[1]
+    else:
+        q, k, v = (_efficient_input(x, heads, dp, q.dtype) for x in (q, k, v))
+        res = aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )
+        out, lse = res[0][..., :d], res[1][..., :m]
+    # a row whose scores are all -inf (NaN/Inf inputs) must merge as empty
+    return out, normalize_empty_rows(out, lse)
+
+
+def _cuda_backward(dout, q, k, v, out, lse, causal: bool, scale: float):  # noqa: ANN001, ANN202
+    heads, kv_heads, m = q.shape[1], k.shape[1], q.shape[2]
+    d, dp = q.shape[-1], _padded_dim(q.shape[-1])
+    if _uses_flash(q.dtype, dp):
+        dout, out = dout.to(q.dtype), out.to(q.dtype)
+        q, k, v, dout, out = (_pad_dim(x, dp) for x in (q, k, v, dout, out))
+        seed = torch.zeros((), dtype=torch.int64)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse.contiguous(),
+            None,  # defined cumulative lengths would select the varlen kernel
+            None,
+            m,
+            k.shape[2],
+            0.0,
+            causal,
+            seed,
+            seed,
+            scale=scale,
+        )[:3]
+    else:
+        q, k, v = (_efficient_input(x, heads, dp, q.dtype) for x in (q, k, v))
+        dout, out = (_efficient_input(x, heads, dp, q.dtype, bmhd=True) for x in (dout, out))
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        rows = F.pad(lse, (0, (-m) % 32), value=float("inf")).contiguous()  # exp(-inf) = 0
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout,
+            q,
+            k,
+            v,
+            None,
+            out,
+            rows,
+            seed,
+            seed,
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=scale,
+        )
+    dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
+    return dq, _reduce_kv(dk, kv_heads), _reduce_kv(dv, kv_heads)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            return torch.float32
-        return dtype
+        return Device.of(device).compute_dtype(dtype)
 
     def block_forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
     ) -> tuple[Tensor, Tensor]:
         if q.device.type == "cpu":
             return _cpu_forward(q, k, v, causal, scale)
-        d, dp = q.shape[-1], _padded_dim(q.shape[-1])
-        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
-        if q.dtype in _HALF and dp <= _FLASH_MAX_DIM:
-            res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-            out, lse = res[0][..., :d], res[1]
-        else:
-            res = aten._scaled_dot_product_efficient_attention(
-                q, k, v, None, True, 0.0, causal, scale=scale
-            )
-            out, lse = res[0][..., :d], res[1][..., : q.shape[2]]
-        # a row whose scores are all -inf (NaN/Inf inputs) must merge as empty
-        return out, normalize_empty_rows(out, lse)
+        return _cuda_forward(q, k, v, causal, scale)
 
     def block_backward(
         self,
@@ -159,47 +247,4 @@ class TorchBackend(Backend):
     ) -> tuple[Tensor, Tensor, Tensor]:
         if q.device.type == "cpu":
             return _cpu_backward(dout, q, k, v, out, lse, causal, scale)
-        kv_heads, m = k.shape[1], q.shape[2]
-        d, dp = q.shape[-1], _padded_dim(q.shape[-1])
-        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        dout, out = dout.to(q.dtype), out.to(q.dtype)
-        q, k, v, dout, out = (_pad_dim(x, dp) for x in (q, k, v, dout, out))
-        if q.dtype in _HALF and dp <= _FLASH_MAX_DIM:
-            seed = torch.zeros((), dtype=torch.int64)
-            dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                dout,
-                q,
-                k,
-                v,
-                out,
-                lse.contiguous(),
-                None,  # defined cumulative lengths would select the varlen kernel
-                None,
-                m,
-                k.shape[2],
-                0.0,
-                causal,
-                seed,
-                seed,
-                scale=scale,
-            )[:3]
-        else:
-            seed = torch.zeros((), dtype=torch.int64, device=q.device)
-            rows = F.pad(lse, (0, (-m) % 32), value=float("inf")).contiguous()  # exp(-inf) = 0
-            dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-                dout,
-                q,
-                k,
-                v,
-                None,
-                out,
-                rows,
-                seed,
-                seed,
-                0.0,
-                [True, True, True, False],
-                causal,
-                scale=scale,
-            )
-        dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
-        return dq, _reduce_kv(dk, kv_heads), _reduce_kv(dv, kv_heads)
+        return _cuda_backward(dout, q, k, v, out, lse, causal, scale)
