@@ -4,6 +4,7 @@ Rows, all measured in this process:
 
 1. engine vs torch SDPA, and the store pipeline vs SDPA, same inputs (B=1, H, L, D),
    causal and not, itr 1-3, interleaved per repeat, ratios of medians, peak RSS;
+   then all again beside one CPU-bound process (``bench/busy.py``);
 2. block-sparse leaves vs the paper's dense masked leaves: every leaf of the
    plan run both ways with the same CPU flash kernel (the dense way with an
    explicit additive mask over the leaf's whole square), in work and in time;
@@ -26,7 +27,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -40,91 +40,27 @@ import torch.nn.functional as F
 from streamcqsa import attention
 from streamcqsa.cqs import divide
 from streamcqsa.cqs.divide import Node
-from streamcqsa.kernels import runner
+from streamcqsa.kernels import runner, threads
 from streamcqsa.kernels.tokens import gather_runs
 from streamcqsa.pipeline import run
 from streamcqsa.storage import create
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overlap  # noqa: E402  (bench/ is not a package)
+from busy import busy_rows  # noqa: E402
+from table import markdown, row, timed  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 ESTIMATE_TARGET = 0.20
 
 
-class PeakRSS:
-    """Peak resident memory above the start, sampled every 5 ms."""
-
-    def __init__(self) -> None:
-        self.proc = psutil.Process()
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._sample, daemon=True)
-        self._t.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
-def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[float, float]:
-    """(seconds, peak MiB): RSS growth on CPU, allocated bytes above the start on CUDA."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        return dt, (torch.cuda.max_memory_allocated() - base) / 2**20
-    with PeakRSS() as m:
-        t = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t
-    return dt, m.mib
-
-
-def row(section: str, **kw: Any) -> dict:
-    """One line of the table; every section fills the same columns."""
-    base = {
-        "section": section,
-        "device": "cpu",
-        "dtype": "float32",
-        "causal": None,
-        "itr": None,
-        "L": None,
-        "ours": "",
-        "baseline": "",
-        "ours_s": None,
-        "base_s": None,
-        "ratio": None,
-        "work": None,
-        "base_work": None,
-        "ours_mib": None,
-        "base_mib": None,
-        "note": "",
-    }
-    base.update(kw)
-    print({k: v for k, v in base.items() if v not in (None, "")}, flush=True)
-    return base
-
-
 # ---------------------------------------------------------------- 1. vs SDPA
+
+
+def scoped_attention(*args: Any, **kw: Any) -> Any:
+    """``attention`` inside ``kernels.threads.scope()`` (docs/speed.md)."""
+    with threads.scope():
+        return attention(*args, **kw)
 
 
 def sdpa_rows(
@@ -136,10 +72,14 @@ def sdpa_rows(
     pipeline_itrs: list[int],
     dtypes: list[torch.dtype],
     device: str = "cpu",
+    label: str = "",
+    scoped: bool = False,
 ) -> list[dict]:
     """Engine and pipeline against SDPA, interleaved per repeat so that load on a
-    shared machine shifts all columns of a repeat together."""
+    shared machine shifts all columns of a repeat together. ``label`` is added
+    to the section names; ``scoped`` adds engine rows run in ``threads.scope``."""
     rows = []
+    scoped_itrs = itrs if scoped and device == "cpu" else []
     tmp = Path(tempfile.mkdtemp(prefix="scqsa-suite-"))
     try:
         for dtype in dtypes:
@@ -179,6 +119,9 @@ def sdpa_rows(
                         )
                         for itr in itrs:
                             add(f"e{itr}", partial(attention, q, k, v, itr=itr, is_causal=causal))
+                        for itr in scoped_itrs:
+                            fn = partial(scoped_attention, q, k, v, itr=itr, is_causal=causal)
+                            add(f"s{itr}", fn)
                         for itr in pipe_itrs:
                             dst = tmp / f"run-{r}-{itr}"
                             shutil.copytree(src, dst)
@@ -187,24 +130,28 @@ def sdpa_rows(
                             shutil.rmtree(dst)
                 shutil.rmtree(src, ignore_errors=True)
                 base = statistics.median(times["sdpa"])
-                for kind, label, its in (("e", "engine", itrs), ("p", "pipeline", pipe_itrs)):
+                kinds = (
+                    ("e", "engine", itrs),
+                    ("s", "engine, scoped", scoped_itrs),
+                    ("p", "pipeline", pipe_itrs),
+                )
+                for kind, ours, its in kinds:
                     for itr in its:
                         plan = divide(L, itr, 3, is_causal=causal)
                         t = statistics.median(times[f"{kind}{itr}"])
                         note = ""
-                        if kind == "p":
-                            note = (
-                                f"pipeline / engine = {t / statistics.median(times[f'e{itr}']):.2f}"
-                            )
+                        if kind in "ps":
+                            e = statistics.median(times[f"e{itr}"])
+                            note = f"{ours} / engine = {t / e:.2f}"
                         rows.append(
                             row(
-                                f"{label} vs SDPA",
+                                f"{ours} vs SDPA{label}",
                                 device=device,
                                 dtype=name,
                                 causal=causal,
                                 itr=itr,
                                 L=L,
-                                ours=label,
+                                ours=ours,
                                 baseline="SDPA",
                                 ours_s=t,
                                 base_s=base,
@@ -372,66 +319,6 @@ def estimate_rows(quick: bool, L: int) -> tuple[list[dict], dict]:
     return rows, res
 
 
-# ---------------------------------------------------------------- output
-
-
-def _f(x: Any, fmt: str) -> str:
-    return "" if x is None else format(x, fmt)
-
-
-def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [
-        "# Benchmark suite",
-        "",
-        f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} torch threads), "
-        f"torch {meta['torch']}. B=1, H={meta['H']}, D={meta['D']}; vs-SDPA rows at "
-        f"L={meta['L']}, medians of {meta['reps']} interleaved repeats after one untimed "
-        "warm-up call of each (SDPA, engine, pipeline); dense-leaf rows at "
-        f"L={meta['L_dense']}. Regenerate: `{meta['command']}` ({meta['wall_s']:.0f} s).",
-        "",
-        "| section | dtype | causal | itr | L | ours s | baseline s | ours / baseline "
-        "| work / L² (ours) | work / L² (baseline) | peak MiB (ours) | peak MiB (baseline) "
-        "| note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        sect = r["section"] if r["device"] == "cpu" else f"{r['section']} ({r['device']})"
-        lines.append(
-            f"| {sect} | {r['dtype']} | {_f(r['causal'], '')} | {_f(r['itr'], '')} | "
-            f"{_f(r['L'], '')} | {_f(r['ours_s'], '.3f')} | {_f(r['base_s'], '.3f')} | "
-            f"**{_f(r['ratio'], '.3f')}** | {_f(r['work'], '.4f')} | "
-            f"{_f(r['base_work'], '.3f')} | {_f(r['ours_mib'], '.0f')} | "
-            f"{_f(r['base_mib'], '.0f')} | {r['note']} |"
-        )
-    lines += [
-        "",
-        "How to read it:",
-        "",
-        "- *engine / pipeline vs SDPA*: ours = `streamcqsa.attention` (in memory) or "
-        "`pipeline.run` over an on-disk Zarr store (fp32 only; includes the input "
-        "checksum check, reads, partial writes and out/lse writes), baseline = "
-        "`F.scaled_dot_product_attention` on the same tensors. Work columns: score "
-        "entries computed / L² (SDPA: L², or L(L+1)/2 causal). Peak MiB is RSS growth "
-        "over the process's state before the call, sampled every 5 ms; the allocator "
-        "reuses freed memory, so small figures mean 'no new memory', not 'no memory'.",
-        "- *block-sparse vs dense leaves*: every leaf of the plan, run alone with the "
-        "same CPU flash kernel: ours skips masked blocks; the paper's way runs the "
-        "leaf's whole square with an explicit -inf mask, evaluating (k²/n)^itr of the "
-        "L² pairs (more when causal, as the full squares ignore causality). Gathers and "
-        "masks are built outside the timed region; no folds.",
-        "- *I/O overlap*: `bench/overlap.py`; ratio = time with delayed reads and real "
-        "compute over max(I/O-only time, compute-only time): 1.0 is perfect overlap, "
-        "'both / sum' 1.0 is none.",
-        "- *estimate model*: `streamcqsa.estimate.check_model`: kernel line from sample "
-        "leaves, pipeline overhead fitted on smaller end-to-end runs, then the checked "
-        "size measured end to end (forward + backward).",
-        "",
-        meta["gpu_note"],
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seq-len", type=int, help="vs-SDPA rows (16384; quick 4096)")
@@ -441,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, help="repeats (3; quick 1)")
     ap.add_argument("--delay", type=float, help="overlap rows: s per input chunk read (0.04)")
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke run)")
+    ap.add_argument(
+        "--no-busy", dest="busy", action="store_false", help="skip the busy-neighbour section"
+    )
+    ap.add_argument("--no-scoped", dest="scoped", action="store_false", help="no scoped rows")
     ap.add_argument("--out", default=str(OUT), help="directory for suite[-quick].md/.json")
     a = ap.parse_args(argv)
     for name, full, quick in (
@@ -453,9 +344,13 @@ def main(argv: list[str] | None = None) -> None:
             setattr(a, name, quick if a.quick else full)
     t0 = time.perf_counter()
     itrs = [1, 2, 3]
-    rows = sdpa_rows(
-        a.seq_len, a.heads, a.head_dim, a.reps, itrs, itrs, [torch.float32, torch.bfloat16]
-    )
+    dtypes = [torch.float32, torch.bfloat16]
+    rows = sdpa_rows(a.seq_len, a.heads, a.head_dim, a.reps, itrs, itrs, dtypes, scoped=a.scoped)
+    if a.busy:  # the same rows again beside one CPU-bound process
+        rows += busy_rows(
+            partial(sdpa_rows, a.seq_len, a.heads, a.head_dim, a.reps, itrs, itrs, dtypes),
+            scoped=a.scoped,
+        )
     cuda = torch.cuda.is_available()
     if cuda:
         rows += sdpa_rows(

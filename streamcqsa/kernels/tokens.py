@@ -60,18 +60,27 @@ class Tokens:
         self._starts = [0]
         for _, n in self._runs:
             self._starts.append(self._starts[-1] + n)
+        self._crossing = tuple(crossing)
         self._buffer = gather_runs(x, self._runs, None, crossing) if crossing else None
         self.shape = torch.Size((*x.shape[:2], self._starts[-1], *x.shape[3:]))
         self.dtype = x.dtype
         self.device = x.device
 
     def rows(self, a: int, z: int) -> Tensor:
+        """Rows [a, z): a view inside one run or a gathered range, else a copy
+        of the runs' pieces (a kernel call may join ranges blocks kept apart)."""
         i = bisect.bisect_right(self._starts, a) - 1
         if z <= self._starts[i + 1]:
             src = self._runs[i][0] + a - self._starts[i]
             return self._x[:, :, src : src + z - a]
-        assert self._buffer is not None, "a crossing range was not gathered"
-        return self._buffer[:, :, a:z]
+        if self._buffer is not None and any(c <= a and z <= d for c, d in self._crossing):
+            return self._buffer[:, :, a:z]
+        pieces = []
+        while a < z:
+            stop = min(z, self._starts[i + 1])
+            pieces.append(self.rows(a, stop))
+            a, i = stop, i + 1
+        return torch.cat(pieces, dim=2)
 
     def to(self, device: torch.device | str) -> Tensor | Tokens:
         """Itself on its own device; elsewhere one copy of just the used rows
