@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-base
 TSTAMP := $(VENV)/.stamp-test
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-slow lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,9 +24,14 @@ $(TSTAMP): $(STAMP) requirements-test.lock
 demo: $(STAMP)
 	$(BIN)/streamcqsa demo
 
+# The unit suite: every capability, no test marked slow (see tests/conftest.py).
 test: $(TSTAMP)
 	$(BIN)/ruff check streamcqsa tests bench
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The heavy cases: larger plans, deeper trees, more kills, the bench smoke run.
+test-slow: $(TSTAMP)
+	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

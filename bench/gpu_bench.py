@@ -137,7 +137,7 @@ def predicted_gib(plan: dict, L: int, itr: int, n_cap: int) -> float:
     """The planner's device bytes for the run's units (``unit_device_bytes``),
     times the units that can be resident at once."""
     from streamcqsa.cqs import divide
-    from streamcqsa.cqs.budget import unit_device_bytes
+    from streamcqsa.cqs.footprint import unit_device_bytes
 
     p = divide(L, itr, plan["quorums"] or 3, is_causal=True)
     depth = plan["unit_depth"] if plan["unit_depth"] is not None else itr

@@ -24,9 +24,9 @@ bench() {  # limit-in-seconds, then gpu_bench arguments
       2>&1 | tee -a "$OUT/gpu-bench.log"
   fi
 }
-timeout 120 python3 -m pytest -q --durations=10 -m gpu tests/test_gpu.py 2>&1 \
-  | tee "$OUT/gpu-tests.log"
+timeout 150 python3 -m pytest -q --durations=10 -m gpu tests/test_gpu.py \
+  tests/kernels/test_cuda_gpu_paths.py 2>&1 | tee "$OUT/gpu-tests.log"
 bench 100 fwd --seq-len 1048576
 bench 50 guard --seq-len 524288
 bench 110 bwd --seq-len 1048576 --pipeline-itr 1
-bench 100 fwd --seq-len 2097152 --itrs 2
+bench 70 fwd --seq-len 2097152 --itrs 2

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 from streamcqsa.cqs.divide import Node, Plan, check_quorum, divide
+from streamcqsa.kernels import threads
 from streamcqsa.kernels.backend import Backend, get_backend
+from streamcqsa.kernels.flat import backward_flat, forward_flat
 from streamcqsa.kernels.nonfinite import last_nonfinite, poison_masked_rows
 from streamcqsa.kernels.runner import WorkCounter, accumulator_dtype
 from streamcqsa.kernels.runner import backward as task_backward
@@ -51,8 +53,13 @@ class Engine:
         scale: float,
         head_group: int | None = None,
         masked_values: Tensor | None = None,
+        fold_depth: int = 0,
     ) -> None:
         self.plan = plan
+        # 0: the whole tree folded in memory; u > 0: units cut at depth u and
+        # folded into whole-sequence accumulators, the bits of a store pass
+        # with that unit depth (``kernels.flat``)
+        self.fold_depth = fold_depth
         self.backend = backend
         self.scale = scale
         self.head_group = head_group
@@ -77,6 +84,16 @@ class Engine:
         ]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        with threads.computing(q.device):
+            return self._forward(q, k, v)
+
+    def backward(
+        self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor, lse: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        with threads.computing(q.device):
+            return self._backward(q, k, v, dout, out, lse)
+
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         dt = self.backend.compute_dtype(q.dtype, q.device)
         units = self.units(q, k)
         if len(units) == 1:
@@ -94,6 +111,8 @@ class Engine:
         return poison_masked_rows(out, self.masked_values), lse
 
     def _forward_node(self, node: Node, q: Tensor, k: Tensor, v: Tensor, dt: torch.dtype):
+        if self.fold_depth:
+            return forward_flat(self.plan, self.fold_depth, (q, k, v), self._leaf_forward, dt)
         return forward_tree(self.plan, node, (q, k, v), self._leaf_forward, dt)
 
     def _leaf_forward(
@@ -117,7 +136,7 @@ class Engine:
             workspace=workspace,
         )
 
-    def backward(
+    def _backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor, lse: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         dt = self.backend.compute_dtype(q.dtype, q.device)
@@ -142,6 +161,8 @@ class Engine:
         return grads
 
     def _backward_node(self, node: Node, xs: tuple[Tensor, ...], dt: torch.dtype):
+        if self.fold_depth:
+            return backward_flat(self.plan, self.fold_depth, xs, self._leaf_backward, dt)
         return backward_tree(self.plan, node, xs, self._leaf_backward, dt)
 
     def _leaf_backward(self, node: Node, *xs: Tensor, workspace: Workspace | None = None):

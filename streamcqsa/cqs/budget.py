@@ -12,14 +12,20 @@ tasks hold more, so a plan is chosen only if both passes' tasks fit.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from streamcqsa.cqs.divide import DEFAULT_QUORUM, Node, Plan, divide
+from streamcqsa.cqs.divide import DEFAULT_QUORUM, Plan, divide
+from streamcqsa.cqs.footprint import (  # the byte formulas, re-exported for callers
+    ITEMSIZE,
+    PASSES,
+    choose_units,
+    leaf_device_bytes,
+    leaf_host_bytes,
+    pass_traffic,
+    unit_device_bytes,
+    unit_host_bytes,
+)
 from streamcqsa.cqs.interest import chunk_count, interest_set
-
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-PASSES = ("fwd", "bwd")
 
 
 @dataclass(frozen=True)
@@ -54,91 +60,13 @@ class Estimate:
     fwd_device_bytes_per_task: int = 0
     bwd_device_bytes_per_task: int = 0
     requested_itr: int | None = None  # the depth asked for, if divide stopped above it
+    unit_depth: int = 0  # where a store pass cuts its units (``cqs.footprint``)
+    chunk_tokens: int = 512
+    partial_disk_bytes: int = 0  # the forward's accumulator, its one intermediate
+    kept_partial_bytes: int = 0  # every unit's partial, if kept on request
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def leaf_device_bytes(
-    tokens: int, q_heads: int, kv_heads: int, head_dim: int, itemsize: int, kind: str = "fwd"
-) -> int:
-    """Device bytes of one leaf task of ``kind``, inputs in the compute dtype.
-
-    Forward: q, k, v and the kernel's out, plus fp32 out and lse. Backward:
-    q, k, v, dout, out, fp32 lse, fp32 dq/dk/dv accumulators and one block's
-    kernel gradients.
-    """
-    hq, hk, d, c = q_heads, kv_heads, head_dim, itemsize
-    if kind == "fwd":
-        return tokens * d * (c * (2 * hq + 2 * hk) + 4 * hq) + 4 * hq * tokens
-    if kind == "bwd":
-        return tokens * (d * (c * (3 * hq + 2 * hk) + (4 + c) * (hq + 2 * hk)) + 4 * hq)
-    raise ValueError(f"kind must be one of {PASSES}, got {kind!r}")
-
-
-def leaf_host_bytes(
-    tokens: int, q_heads: int, kv_heads: int, head_dim: int, itemsize: int, kind: str = "fwd"
-) -> int:
-    """Host bytes of one in-flight leaf task of ``kind``: its gathered inputs as
-    stored (``itemsize``) plus its fp32 partial twice (read and write buffer)."""
-    hq, hk, d, s = q_heads, kv_heads, head_dim, itemsize
-    if kind == "fwd":
-        return tokens * (d * s * (hq + 2 * hk) + 2 * 4 * hq * (d + 1))
-    if kind == "bwd":
-        return tokens * (d * s * (3 * hq + 2 * hk) + 4 * hq + 2 * 4 * d * (hq + 2 * hk))
-    raise ValueError(f"kind must be one of {PASSES}, got {kind!r}")
-
-
-def unit_host_bytes(
-    plan: Plan,
-    node: Node,
-    *,
-    group_ratio: int,
-    head_group: int,
-    head_dim: int,
-    kind: str = "fwd",
-) -> int:
-    """Host bytes of a task unit that runs ``node``'s subtree in memory.
-
-    Counted in fp32 (CPU kernels compute half types in fp32): the node's
-    gathered inputs, the partial rows its fold holds at its peak (gradients
-    are added up child by child, ``Plan.summed_fold_rows``), the padded copy
-    written out, and one leaf's gathered inputs plus kernel outputs.
-    """
-    hq, hk, d = head_group * group_ratio, head_group, head_dim
-    if kind == "fwd":
-        per_in = d * (hq + 2 * hk)  # q, k, v
-        per_part = hq * (d + 1)  # out, lse
-        held = plan.fold_rows(node)
-    else:
-        per_in = d * (3 * hq + 2 * hk) + hq  # q, k, v, dout, out, lse
-        per_part = d * (hq + 2 * hk)  # dq, dk, dv
-        held = plan.summed_fold_rows(node)
-    leaf = plan.longest_leaf(node)
-    rows = held + node.length
-    return 4 * (node.length * per_in + rows * per_part + leaf * (per_in + per_part))
-
-
-def unit_device_bytes(
-    plan: Plan,
-    node: Node,
-    *,
-    group_ratio: int,
-    head_group: int,
-    head_dim: int,
-    itemsize: int,
-) -> int:
-    """Device bytes of a forward unit that lives on a GPU.
-
-    The node's inputs in the compute dtype, the fp32 partial rows its
-    streamed fold holds at its peak, and one leaf's gathered inputs (at
-    most) and kernel output in the compute dtype.
-    """
-    hq, hk, d = head_group * group_ratio, head_group, head_dim
-    leaf = plan.longest_leaf(node)
-    inputs = itemsize * (node.length + leaf) * d * (hq + 2 * hk)
-    partials = 4 * plan.streamed_fold_rows(node) * hq * (d + 1)
-    return inputs + partials + itemsize * leaf * hq * d
 
 
 def estimate(
@@ -155,8 +83,13 @@ def estimate(
     chunk_tokens: int,
     devices: int = 1,
     store_dtype: str | None = None,
+    unit_depth: int | None = None,
 ) -> Estimate:
     """Predict memory, disk, I/O and time of running ``plan`` (time: forward).
+
+    Disk and I/O are a store forward's with units cut at ``unit_depth``
+    (default: every leaf a unit, the most I/O): inputs, outputs and the
+    accumulator on disk; reads of each unit's tokens and folds.
 
     Memory per task is that of the pass that needs most: the backward runs
     the forward's plan. ``dtype`` is the compute dtype (device memory);
@@ -172,15 +105,18 @@ def estimate(
     per_task = max(dev.values())
     host_task = max(leaf_host_bytes(leaf, hq, hk, head_dim, ssize, k) for k in PASSES)
     host = n_cap * devices * host_task + 64 * 2**20
-    rows = sum(math.ceil(n.length / chunk_tokens) * chunk_tokens for n in plan.nodes if n.depth)
-    partial_disk = batch * heads * rows * (head_dim + 1) * 4
-    io_tokens = sum(t.length for t in plan.tasks)
-    reads = batch * io_tokens * head_dim * ssize * (heads + 2 * kv_heads)
-    merge_reads = sum(
-        n.length * len(plan.interest_sets[n.depth]) for n in plan.nodes if not n.is_leaf
+    depth = plan.itr if unit_depth is None else min(unit_depth, plan.itr)
+    traffic = pass_traffic(
+        plan,
+        depth,
+        batch=batch,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        itemsize=ssize,
+        chunk_tokens=chunk_tokens,
+        head_group=head_group,
     )
-    reads += batch * heads * merge_reads * (head_dim + 1) * 4
-    writes = partial_disk + batch * heads * plan.seq_len * (head_dim * ssize + 4)
     inputs = batch * plan.seq_len * head_dim * ssize * (heads + 2 * kv_heads)
     entries = plan.entries * batch * heads
     return Estimate(
@@ -193,14 +129,18 @@ def estimate(
         device_bytes_per_task=per_task,
         device_bytes=per_task * n_cap,
         host_bytes=host,
-        disk_bytes=inputs + partial_disk + batch * heads * plan.seq_len * (head_dim * ssize + 4),
-        read_bytes=reads,
-        write_bytes=writes,
+        disk_bytes=inputs + traffic.output_bytes + traffic.accumulator_bytes,
+        read_bytes=traffic.read_bytes,
+        write_bytes=traffic.write_bytes,
         entries=entries,
         seconds=entries / throughput / max(1, devices),
         fwd_device_bytes_per_task=dev["fwd"],
         bwd_device_bytes_per_task=dev["bwd"],
         requested_itr=plan.requested_itr if plan.capped else None,
+        unit_depth=depth,
+        chunk_tokens=chunk_tokens,
+        partial_disk_bytes=traffic.accumulator_bytes,
+        kept_partial_bytes=traffic.kept_bytes,
     )
 
 
@@ -238,8 +178,57 @@ def fit_plan(
                 devices=budget.devices,
             )
             if est.device_bytes <= budget.device_memory and est.host_bytes <= budget.host_memory:
-                return est
+                # units as large as half the host memory per resident task
+                # allows (a unit's partial waits for its fold beside the next)
+                depth, _ = choose_units(
+                    plan,
+                    group_ratio=heads // kv_heads,
+                    kv_heads=kv_heads,
+                    head_dim=head_dim,
+                    budget_bytes=budget.host_memory // (2 * cap),
+                    kind="fwd",
+                    head_group=hg,
+                )
+                return replace(
+                    est,
+                    **_traffic_fields(
+                        plan, depth, batch, heads, kv_heads, head_dim, est, store_dtype or dtype
+                    ),
+                )
     return None
+
+
+def _traffic_fields(
+    plan: Plan,
+    depth: int,
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    est: Estimate,
+    store_dtype: str,
+) -> dict:
+    ssize = ITEMSIZE[store_dtype]
+    t = pass_traffic(
+        plan,
+        depth,
+        batch=batch,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        itemsize=ssize,
+        chunk_tokens=est.chunk_tokens,
+        head_group=est.head_group,
+    )
+    inputs = batch * plan.seq_len * head_dim * ssize * (heads + 2 * kv_heads)
+    return {
+        "unit_depth": depth,
+        "disk_bytes": inputs + t.output_bytes + t.accumulator_bytes,
+        "read_bytes": t.read_bytes,
+        "write_bytes": t.write_bytes,
+        "partial_disk_bytes": t.accumulator_bytes,
+        "kept_partial_bytes": t.kept_bytes,
+    }
 
 
 def choose_plan(
@@ -346,3 +335,19 @@ def _check_shape(heads: int, kv_heads: int, dtype: str, store_dtype: str | None)
             raise ValueError(f"{name} must be one of {tuple(ITEMSIZE)}, got {dt!r}")
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+
+
+__all__ = [
+    "ITEMSIZE",
+    "PASSES",
+    "Budget",
+    "Estimate",
+    "choose",
+    "choose_plan",
+    "estimate",
+    "fit_plan",
+    "leaf_device_bytes",
+    "leaf_host_bytes",
+    "unit_device_bytes",
+    "unit_host_bytes",
+]

@@ -24,6 +24,7 @@ from streamcqsa.cqs.budget import (
     leaf_host_bytes,
 )
 from streamcqsa.cqs.divide import DEFAULT_QUORUM, Plan, divide
+from streamcqsa.cqs.footprint import pass_traffic
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class PlanCost:
     fold_elems: dict[str, int]  # partial elements the folds read, per pass
     read_bytes: dict[str, int]
     write_bytes: dict[str, int]
-    disk: dict[str, int]  # inputs, outputs, partials per pass (every level kept)
+    disk: dict[str, int]  # inputs, and outputs and accumulator per pass
     device_bytes_per_task: dict[str, int]
     host_bytes_per_task: dict[str, int]
 
@@ -169,14 +170,19 @@ def task_bytes(
 
 
 def plan_cost(
-    plan: Plan, shape: Shape, head_group: int, chunk_tokens: int, device: str = "cpu"
+    plan: Plan,
+    shape: Shape,
+    head_group: int,
+    chunk_tokens: int,
+    device: str = "cpu",
+    unit_depth: int | None = None,
 ) -> PlanCost:
     """Work, bytes and memory of running ``plan`` over ``shape``, both passes.
 
-    Store traffic is counted for the layout that stores every level (each
-    node's partial padded to whole chunks): the most the pipeline writes. A
-    pipeline that folds subtrees in memory moves less; the end-to-end fit
-    absorbs that as a smaller ``beta``.
+    Store traffic is a store pass's with units cut at ``unit_depth``
+    (default: every leaf a unit, the most I/O; ``cqs.footprint.pass_traffic``).
+    A pipeline with larger units moves less; the end-to-end fit absorbs that
+    as a smaller ``beta``.
     """
     if head_group < 1 or shape.kv_heads % head_group:
         raise ValueError(f"head_group {head_group} must divide kv_heads {shape.kv_heads}")
@@ -186,32 +192,33 @@ def plan_cost(
     d, ss = shape.head_dim, ITEMSIZE[shape.dtype]
     cs = ITEMSIZE[compute_dtype(shape.dtype, device)]
     leaves = plan.tasks
-    leaf_tok = sum(t.length for t in leaves)
-    pad = 0  # padded partial rows of every non-root node
+    depth = plan.itr if unit_depth is None else min(unit_depth, plan.itr)
     child_rows = 0  # rows folds read: every inner node reads each child's rows
     for n in plan.nodes:
-        if n.depth:
-            pad += math.ceil(n.length / chunk_tokens) * chunk_tokens
         if not n.is_leaf:
             child_rows += sum(plan.by_path[c].length for c in n.children)
-    fwd_part = hq * (d + 1) * 4  # out + lse per row
-    bwd_part = (hq + 2 * hk) * d * 4  # dq, dk, dv per row
-    L = plan.seq_len
-    read = {
-        "fwd": leaf_tok * d * ss * (hq + 2 * hk) + child_rows * fwd_part,
-        "bwd": leaf_tok * (d * ss * (3 * hq + 2 * hk) + 4 * hq) + child_rows * bwd_part,
+    traffic = {
+        k: pass_traffic(
+            plan,
+            depth,
+            batch=shape.batch,
+            heads=shape.heads,
+            kv_heads=shape.kv_heads,
+            head_dim=d,
+            itemsize=ss,
+            chunk_tokens=chunk_tokens,
+            kind=k,
+            head_group=head_group,
+        )
+        for k in PASSES
     }
-    write = {
-        "fwd": pad * fwd_part + L * hq * (d * ss + 4),
-        "bwd": pad * bwd_part + L * (hq + 2 * hk) * d * ss,
-    }
-    B, H, Hk = shape.batch, shape.heads, shape.kv_heads
+    B, H, Hk, L = shape.batch, shape.heads, shape.kv_heads, plan.seq_len
     disk = {
         "inputs": B * L * d * ss * (H + 2 * Hk),
-        "fwd_outputs": B * L * H * (d * ss + 4),
-        "fwd_partials": pad * units * fwd_part,
-        "bwd_outputs": B * L * d * ss * (H + H + 2 * Hk),  # dout, dq, dk, dv
-        "bwd_partials": pad * units * bwd_part,
+        "fwd_outputs": traffic["fwd"].output_bytes,
+        "fwd_partials": traffic["fwd"].accumulator_bytes,
+        "bwd_outputs": traffic["bwd"].output_bytes,
+        "bwd_partials": traffic["bwd"].accumulator_bytes,
     }
     longest = max(t.length for t in leaves)
     mem = task_bytes(longest, hq, hk, d, cs, ss)
@@ -227,8 +234,8 @@ def plan_cost(
             "fwd": child_rows * hq * (d + 1) * units,
             "bwd": child_rows * (hq + 2 * hk) * d * units,
         },
-        read_bytes={k: v * units for k, v in read.items()},
-        write_bytes={k: v * units for k, v in write.items()},
+        read_bytes={k: t.read_bytes for k, t in traffic.items()},
+        write_bytes={k: t.write_bytes for k, t in traffic.items()},
         disk=disk,
         device_bytes_per_task=mem["device"],
         host_bytes_per_task=mem["host"],

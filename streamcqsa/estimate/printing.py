@@ -74,15 +74,12 @@ def format_report(rep: dict[str, Any]) -> str:
     row("read", fw["read_bytes"], bw["read_bytes"], human_bytes)
     row("written", fw["write_bytes"], bw["write_bytes"], human_bytes)
     row("disk: outputs", fw["output_disk_bytes"], bw["output_disk_bytes"], human_bytes)
-    row(
-        "disk: partials (all kept)", fw["partial_disk_bytes"], bw["partial_disk_bytes"], human_bytes
-    )
+    row("disk: accumulator", fw["partial_disk_bytes"], bw["partial_disk_bytes"], human_bytes)
     d = rep["disk"]
     lines += [
         "",
-        f"disk: inputs {human_bytes(d['inputs'])}, everything kept {human_bytes(d['total'])} "
-        "(partials are the most the store layout writes; keep_partials=False deletes them "
-        "as parents finish)",
+        f"disk: inputs {human_bytes(d['inputs'])}, at the peak of both passes "
+        f"{human_bytes(d['total'])} (each pass's accumulator is dropped when it is done)",
         "",
         "fitted on this machine:",
     ]

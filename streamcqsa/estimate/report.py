@@ -131,7 +131,7 @@ def estimate(
             "fits": max(cost.device_bytes_per_task.values()) * n_cap <= device_memory
             and max(cost.host_bytes_per_task.values()) * n_cap <= host_memory,
         },
-        "disk": {**cost.disk, "total": sum(cost.disk.values())},
+        "disk": {**cost.disk, "total": _peak_disk(cost.disk)},
         "passes": passes,
         "calibration": calibration.to_dict(),
     }
@@ -235,3 +235,10 @@ def check_model(
         "measured_runs": measured,
         "calibration": cal.to_dict(),
     }
+
+
+def _peak_disk(disk: dict) -> int:
+    """Inputs and both passes' outputs, plus the larger accumulator (a pass
+    drops its own when it is done)."""
+    outputs = disk["inputs"] + disk["fwd_outputs"] + disk["bwd_outputs"]
+    return outputs + max(disk["fwd_partials"], disk["bwd_partials"])

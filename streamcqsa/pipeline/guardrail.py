@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from streamcqsa.cqs.blocks import BlockList
-from streamcqsa.cqs.budget import leaf_device_bytes
+from streamcqsa.cqs.footprint import leaf_device_bytes
 from streamcqsa.errors import DeviceOOM
 
 

@@ -1,16 +1,16 @@
 """``repair``: find chunks that are corrupt or missing and unmark what made them.
 
-Outputs and partials are recomputable. A done marker vouches for every chunk
-its unit wrote, so a chunk that fails its checksum, or is absent where a
-done unit wrote it (zarr would read it as zeros), is damage: its unit is
-unmarked, with every merge above it, so the next run recomputes only those
-units, bit-identically.
+Outputs and intermediates are recomputable. A done marker vouches for every
+chunk its unit wrote, so a chunk that fails its checksum, or is absent where
+a done unit wrote it (zarr would read it as zeros), is damage.
 
-A done unit's partial is needed while a unit that reads it (a merge of its
-parent node) is still to run, and always when the pass keeps its partials.
-A pass that deletes them does so once the parent node is complete, so there
-an absent partial is expected; if repair sends that parent back to run, the
-deleted children are needed again and are recomputed too (and so on down).
+The unit of repair is a (batch, head group): its units fold into one
+accumulator in a fixed order, and a finished pass has dropped that
+accumulator, so an output chunk cannot be recomputed alone. Damage anywhere
+in a group (its outputs, its accumulator chunks, its kept partials, or a
+marker that no longer reads as done after the accumulator is gone) unmarks
+every unit of the group and drops its accumulator chunks; the next run
+recomputes that group, bit-identically, and leaves the others as they are.
 
 A bad input chunk cannot be recomputed and is reported.
 """
@@ -20,16 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from zarr.core.sync import sync
 
-from streamcqsa.storage.integrity import all_chunks, scan, stored_chunks
+from streamcqsa.storage.integrity import all_chunks, chunk_key, scan, stored_chunks
 from streamcqsa.storage.layout import INPUTS
 from streamcqsa.storage.lock import StoreLock
-from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays, Unit, partial_names
+from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.store import StoreError, open_group, update_meta
+from streamcqsa.storage.units import BWD, FWD, Layout, partial_names
 
 
 def repair(store_path: Any) -> dict:
-    """Check every chunk a pass vouches for; unmark the units whose results
+    """Check every chunk a pass vouches for; unmark the groups whose results
     are corrupt or missing.
 
     The report lists damaged chunks as (array, chunk): ``report[kind]`` all of
@@ -42,46 +44,28 @@ def repair(store_path: Any) -> dict:
         _check_inputs(group, meta, report)
         for kind in (FWD, BWD):
             report[kind], report[f"{kind}_missing"] = [], []
+            report[f"{kind}_units_reset"] = 0
             entry = meta.get(kind)
             if not entry:
                 continue
             layout = Layout.from_meta(entry["plan"], problem)
             arrays = RunArrays(group, layout, kind)
-            units: set[Unit] = set()
-            for name in partial_names(kind):
-                if name in group:
-                    for c in scan(group[name]):
-                        report[kind].append((name, c))
-                        units.add(_output_unit(layout, name, c))
-                for depth in layout.depth_rows:
-                    path = arrays.partial_path(depth, name)
-                    if path in group:
-                        for c in scan(group[path]):
-                            report[kind].append((path, c))
-                            units.add(_partial_unit(layout, depth, c))
-            marker = group[arrays.marker_path] if arrays.marker_path in group else None
-            bad_markers = scan(marker) if marker is not None else []
-            if marker is not None:
-                from zarr.core.sync import sync
-
-                for (i,) in bad_markers:  # a corrupt marker reads as "not done"
-                    sync(marker.store.delete(f"{marker.path}/c/{i}"))
-                    report[kind].append((arrays.marker_path, (i,)))
-                done = arrays.done()
-            else:
-                done = np.zeros(layout.total_units, dtype=bool)
-            stats = entry.get("stats") or {}
-            keep = entry.get("keep_partials", stats.get("keep_partials"))
-            full = _to_rerun(arrays, done, units, keep is True, report[f"{kind}_missing"])
-            report[kind] += report[f"{kind}_missing"]
-            if marker is not None:
-                for u in full:
-                    marker[layout.index(u)] = 0
-            if full or bad_markers:
-                entry = dict(entry)
-                entry["status"] = "needs repair run"
-                meta = update_meta(group, **{kind: entry})
-            report[f"{kind}_units_reset"] = len(full)
+            keep = entry.get("keep_partials", (entry.get("stats") or {}).get("keep_partials"))
+            bad = _damage(arrays, keep is True, report[kind], report[f"{kind}_missing"])
+            if not bad:
+                continue
+            marker = arrays.array(arrays.marker_path)
+            per = len(layout.group_units)
+            for b, g in sorted(bad):
+                first = (b * layout.groups + g) * per
+                marker[first : first + per] = 0
+                if arrays.acc.path in group:
+                    for c in range(layout.chunks):
+                        _delete(arrays.acc.array, (b, g, c, 0))
+            report[f"{kind}_units_reset"] = per * len(bad)
+            entry = dict(entry)
+            entry["status"] = "needs repair run"
+            meta = update_meta(group, **{kind: entry})
     if report["inputs"]:
         gone = set(report["inputs_missing"])
         names = ", ".join(
@@ -93,6 +77,96 @@ def repair(store_path: Any) -> dict:
             "recreate the store from its source"
         )
     return report
+
+
+def _delete(arr: Any, coord: tuple[int, ...]) -> None:
+    sync(arr.store.delete(chunk_key(arr, coord)))
+
+
+def _damage(arrays: RunArrays, keep: bool, found: list, missing: list) -> set[tuple[int, int]]:
+    """The (batch, group) pairs with damage; appends the damaged chunks."""
+    lay, group = arrays.layout, arrays.group
+    bad: set[tuple[int, int]] = set()
+
+    def chunks_of(path: str) -> set[tuple[int, ...]]:
+        return set(stored_chunks(group[path])) if path in group else set()
+
+    # markers first: a corrupt one reads as "not done" once deleted
+    marker = group[arrays.marker_path] if arrays.marker_path in group else None
+    if marker is not None:
+        for c in scan(marker):
+            _delete(marker, c)
+            found.append((arrays.marker_path, c))
+        done = arrays.done()
+    else:
+        done = np.zeros(lay.total_units, dtype=bool)
+    acc_there = arrays.acc.path in group
+    if not lay.direct and not acc_there:
+        # the accumulator is gone (a finished pass): a group with any unit
+        # left to run cannot fold again
+        per = len(lay.group_units)
+        for i in np.flatnonzero(~done):
+            bg = int(i) // per
+            bad.add(divmod(bg, lay.groups))
+    # corrupt chunks of outputs, accumulator and kept partials
+    paths = list(partial_names(arrays.kind))
+    if acc_there:
+        paths.append(arrays.acc.path)
+    if keep:
+        paths += [
+            arrays.partial_path(d, n) for d in lay.depth_rows for n in partial_names(arrays.kind)
+        ]
+    for path in paths:
+        if path in group:
+            for c in scan(group[path]):
+                found.append((path, c))
+                bad.add(_group_of(lay, path, c))
+    # chunks a done unit vouches for that are absent
+    have: dict[str, set] = {}
+    for i in np.flatnonzero(done):
+        u = lay.unit_at(int(i))
+        for path, c in arrays.unit_chunks(u, keep):
+            if path not in have:
+                have[path] = chunks_of(path)
+            if c not in have[path]:
+                missing.append((path, c))
+                bad.add((u.b, u.g))
+    # accumulator chunks that done tasks folded into, not yet cast by a final
+    if acc_there and not lay.direct:
+        have_acc = chunks_of(arrays.acc.path)
+        for b in range(lay.problem.batch):
+            for g in range(lay.groups):
+                missing_here = _acc_missing(arrays, done, have_acc, b, g)
+                missing += missing_here
+                if missing_here:
+                    bad.add((b, g))
+    found += [m for m in missing if m not in found]
+    return bad
+
+
+def _acc_missing(arrays: RunArrays, done: np.ndarray, have: set, b: int, g: int) -> list:
+    from streamcqsa.storage.units import Unit
+
+    lay = arrays.layout
+    fold = lay.fold
+    done_tasks = {
+        i for i, path in enumerate(fold.units) if done[lay.index(Unit("task", b, g, path))]
+    }
+    out = []
+    for c in range(lay.chunks):
+        if done[lay.index(Unit("final", b, g, (), c))]:
+            continue  # cast and dropped
+        if (b, g, c, 0) not in have and done_tasks.intersection(fold.touchers(c)):
+            out.append((arrays.acc.path, (b, g, c, 0)))
+    return out
+
+
+def _group_of(layout: Layout, path: str, c: tuple[int, ...]) -> tuple[int, int]:
+    """(batch, group) of a chunk of an output, the accumulator or a kept partial."""
+    if path.startswith("partials/"):
+        return c[0], c[1]  # accumulator and kept partial chunks span one group
+    per_group = layout.head_group * (1 if path in ("dk", "dv") else layout.problem.group_ratio)
+    return c[0], c[1] // per_group  # output chunks hold one head
 
 
 def _check_inputs(group: Any, meta: dict, report: dict) -> None:
@@ -109,89 +183,6 @@ def _check_inputs(group: Any, meta: dict, report: dict) -> None:
             gone = [(name, c) for c in all_chunks(arr) if c not in have]
             report["inputs"] += gone
             report["inputs_missing"] += gone
-
-
-def _to_rerun(
-    arrays: RunArrays, done: np.ndarray, units: set[Unit], keep: bool, missing: list
-) -> set[Unit]:
-    """``units`` and every merge above them, plus each done unit with a chunk
-    missing where it is needed (module docstring) and the merges above it,
-    until nothing changes. Appends the missing chunks that are damage (not
-    partials deleted after their parent finished) to ``missing``."""
-    lay, group = arrays.layout, arrays.group
-    stored: dict[str, set[tuple[int, ...]]] = {}
-
-    def has(path: str, c: tuple[int, ...]) -> bool:
-        if path not in stored:
-            stored[path] = set(stored_chunks(group[path])) if path in group else set()
-        return c in stored[path]
-
-    def node_of(u: Unit) -> tuple:
-        return (u.b, u.g, u.node)
-
-    def parent_of(u: Unit) -> tuple:
-        return (u.b, u.g, u.node[:-1])
-
-    todo = [lay.unit_at(i) for i in np.flatnonzero(~done)]
-    pending = {node_of(u) for u in todo}  # nodes with units left to run before this repair
-    running = set(pending)  # nodes with units to run after it
-    finished = [lay.unit_at(i) for i in np.flatnonzero(done)]
-    out: set[Unit] = set()
-    new = set(units)
-    while True:
-        stack = list(new)
-        while stack:  # each unit, and every merge above it
-            u = stack.pop()
-            if u in out:
-                continue
-            out.add(u)
-            running.add(node_of(u))
-            for i in range(len(u.node)):
-                stack.extend(lay.units_of(u.node[:i], u.b, u.g))
-        new = set()
-        for u in finished:
-            if u in out:
-                continue
-            read_again = not u.node or parent_of(u) in running
-            if not (keep or read_again):
-                continue  # nothing reads it again; a pass without partials deleted it
-            gone = [(path, c) for path, c in arrays.unit_chunks(u) if not has(path, c)]
-            if gone:
-                new.add(u)
-                if keep or not u.node or parent_of(u) in pending:
-                    missing += gone  # damage, not a partial deleted after its parent
-        if not new:
-            return out
-
-
-def _group_of(layout: Layout, name: str, head: int, per_chunk: int) -> int:
-    heads = head * per_chunk
-    per_group = layout.head_group * (1 if name in ("dk", "dv") else layout.problem.group_ratio)
-    return heads // per_group
-
-
-def _output_unit(layout: Layout, name: str, c: tuple[int, ...]) -> Unit:
-    root = layout.plan.root
-    g = _group_of(layout, name, c[1], 1)
-    if layout.is_task(root):
-        return Unit("task", c[0], g, root.path)
-    return Unit("merge", c[0], g, root.path, c[2])
-
-
-def _partial_unit(layout: Layout, depth: int, c: tuple[int, ...]) -> Unit:
-    row = c[2] * layout.chunk
-    node = None
-    for path, off in layout.regions.items():
-        n = layout.plan.by_path[path]
-        if len(path) == depth and off <= row < off + layout.pieces(n) * layout.chunk:
-            node = n
-            break
-    if node is None:
-        raise StoreError(f"chunk {c} of depth {depth} lies in no node's region")
-    g = c[1]  # partial chunks span exactly one head group
-    if layout.is_task(node):
-        return Unit("task", c[0], g, node.path)
-    return Unit("merge", c[0], g, node.path, (row - layout.regions[node.path]) // layout.chunk)
 
 
 __all__ = ["repair"]

@@ -171,60 +171,18 @@ class DevicePool:
         return fut.result()
 
 
-_SLOTS: dict[str, Any] = {}  # run id -> this process's ComputeSlots or Inline
-_PROGRESS: dict[str, Callable[[int], None]] = {}  # run id -> progress bar update
-_POOLS: dict[tuple[str, int], DevicePool] = {}
-_LOCK = threading.Lock()
+_POOLS: dict[tuple[str, int], DevicePool] = {}  # a process's compute threads, per device
+_POOLS_LOCK = threading.Lock()
 
 
-_GATES: dict[str, threading.BoundedSemaphore] = {}  # run id -> on-device units allowed
-
-
-def device_units(run_id: str, n_cap: int) -> threading.BoundedSemaphore:
-    """At most ``n_cap`` units of a pass hold their buffers on the device at
-    once (a unit takes its slot before allocating, not when it computes)."""
-    with _LOCK:
-        gate = _GATES.get(run_id)
-        if gate is None:
-            gate = _GATES[run_id] = threading.BoundedSemaphore(max(1, n_cap))
-        return gate
-
-
-def register(run_id: str, slots: Any) -> None:
-    with _LOCK:
-        _SLOTS[run_id] = slots
-
-
-def unregister(run_id: str) -> None:
-    with _LOCK:
-        _SLOTS.pop(run_id, None)
-        _PROGRESS.pop(run_id, None)
-        _GATES.pop(run_id, None)
-
-
-def on_progress(run_id: str, update: Callable[[int], None]) -> None:
-    """Count finished leaf tasks of the pass (a unit may run a whole subtree)."""
-    with _LOCK:
-        _PROGRESS[run_id] = update
-
-
-def leaf_done(run_id: str) -> None:
-    update = _PROGRESS.get(run_id)
-    if update is not None:
-        update(1)
-
-
-def executor(run_id: str, device: str, slots: int, *, distributed: bool) -> Any:
-    """The pass's slots in the driver process; in a distributed worker process,
-    the device's pool. A local pass that is no longer registered has ended
-    (failed or interrupted): its stragglers must not compute."""
-    with _LOCK:
-        hit = _SLOTS.get(run_id)
-        if hit is not None:
-            return hit
-        if not distributed:
-            raise Cancelled("the pass has ended")
-        key = (device, max(1, slots))
+def device_pool(device: str, slots: int) -> DevicePool:
+    """This process's compute threads for ``device`` (a distributed worker's:
+    made on first use and kept, like any thread pool of the process)."""
+    key = (device, max(1, slots))
+    with _POOLS_LOCK:
         if key not in _POOLS:
             _POOLS[key] = DevicePool(*key)
         return _POOLS[key]
+
+
+__all__ = ["Cancelled", "ComputeSlots", "DevicePool", "Inline", "device_pool"]

@@ -22,15 +22,16 @@ import torch
 from streamcqsa.cqs.divide import Node
 from streamcqsa.storage.layout import Problem
 from streamcqsa.storage.lock import LOCK_NAME
-from streamcqsa.storage.partials import BWD, FWD, Layout, RunArrays, Unit
+from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.store import open_group
+from streamcqsa.storage.units import BWD, FWD, Layout, Unit
 
 
 @dataclass(frozen=True)
 class TaskStatus:
     name: str
     path: tuple[int, ...]
-    kind: str  # "task" (a unit; its subtree ran in memory), "merge", or "in-task"
+    kind: str  # "unit" (its subtree ran in one unit), "in-unit" (below one), "above" (above)
     tokens: int
     units_done: int
     units: int
@@ -90,13 +91,18 @@ class Run:
         except KeyError:
             done = np.zeros(lay.total_units, dtype=bool)
         out = []
+        top = lay.top
+        units_below: dict[tuple[int, ...], list[Unit]] = {}
+        for n in lay.unit_nodes:
+            for d in range(n.depth + 1):
+                units_below.setdefault(n.path[:d], []).append(Unit("task", 0, 0, n.path))
         for node in lay.plan.nodes:
-            if lay.is_stored(node):
-                units = lay.units_of(node.path, 0, 0)
-                kind = "task" if lay.is_task(node) else "merge"
-            else:  # done when the task unit that computes it is
-                units = lay.units_of(lay.task_of(node.path), 0, 0)
-                kind = "in-task"
+            if lay.is_task(node):
+                units, kind = [Unit("task", 0, 0, node.path)], "unit"
+            elif node.depth > top or node.path[: node.depth] not in units_below:
+                units, kind = [Unit("task", 0, 0, node.path[:top])], "in-unit"
+            else:  # above the units: done when every unit under it is
+                units, kind = units_below[node.path], "above"
             idx = [
                 lay.index(Unit(u.kind, b, g, u.node, u.piece))
                 for u in units
@@ -145,29 +151,23 @@ class Run:
             return Partial(positions, out.astype(np.float32), lse)
         lay = self.layout()
         assert lay is not None
-        if not lay.is_stored(node):
+        entry = self.meta.get(FWD) or {}
+        if not entry.get("keep_partials"):
             raise ValueError(
-                f"{node.name} ran inside task unit {lay.plan.by_path[lay.task_of(node.path)].name}"
-                f", which stores only its own partial (unit_depth={lay.top}); run with "
-                f"unit_depth={lay.plan.itr} to keep every node's partial"
+                f"{node.name}: this forward kept no partials; run it with keep_partials=True "
+                "to inspect nodes other than the root"
+            )
+        if node.depth > lay.top:
+            unit = lay.plan.by_path[node.path[: lay.top]]
+            raise ValueError(
+                f"{node.name} ran inside unit {unit.name}, whose partial is what was kept "
+                f"(unit_depth={lay.top}); run with unit_depth=None to keep every leaf's"
             )
         arrays = RunArrays(self.group, lay, FWD)
-        off = lay.regions[node.path]
-        try:
-            out = np.asarray(
-                arrays.array(arrays.partial_path(node.depth, "out"))[
-                    batch, :, off : off + node.length
-                ]
-            )
-            lse = np.asarray(
-                arrays.array(arrays.partial_path(node.depth, "lse"))[
-                    batch, :, off : off + node.length
-                ]
-            )
-        except KeyError as e:
-            raise ValueError(
-                f"partials of {node.name} are not in the store (deleted with keep_partials=False?)"
-            ) from e
+        g_all = range(lay.groups)
+        parts = [_fold_kept(arrays, node, batch, g) for g in g_all]
+        out = np.concatenate([o.numpy()[0] for o, _ in parts], axis=0)
+        lse = np.concatenate([x.numpy()[0] for _, x in parts], axis=0)
         return Partial(positions, out, lse)
 
     def status(self) -> dict[str, Any]:
@@ -260,6 +260,25 @@ class Run:
         )
         shape = f"B={p.batch} H={p.heads} Hkv={p.kv_heads} L={p.seq_len} D={p.head_dim}"
         return f"Run({self.path!r}, {shape} {p.dtype}, {passes})"
+
+
+def _fold_kept(arrays: RunArrays, node: Node, b: int, g: int) -> tuple[torch.Tensor, ...]:
+    """A node's forward partial for one head group: read where a unit kept
+    it, else folded from its children's, as the tree folds them in memory."""
+    import math
+
+    from streamcqsa.kernels.fold import fold, merge_combine
+
+    lay = arrays.layout
+    if lay.is_task(node):
+        return tuple(arrays.read_kept(node.path, n, b, g, 0, node.length) for n in ("out", "lse"))
+    kids = {c: _fold_kept(arrays, lay.plan.by_path[c], b, g) for c in node.children}
+    hq = lay.head_group * lay.problem.group_ratio
+    out = (
+        torch.empty(1, hq, node.length, lay.problem.head_dim),
+        torch.empty(1, hq, node.length),
+    )
+    return fold(lay.plan.merge_sources(node), kids, out, merge_combine, (0.0, -math.inf))
 
 
 def _bf16_to_f32(block: np.ndarray) -> np.ndarray:

@@ -1,0 +1,106 @@
+"""The command line's argument types and the option groups several commands share."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _quorum(text: str) -> int | list[int]:
+    parts = [int(x) for x in text.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("quorum needs at least one int")
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _itr(text: str) -> int | str:
+    return "auto" if text == "auto" else _count(text, 0)
+
+
+def _count(text: str, minimum: int = 1) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+    return v
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _unit_depth(text: str) -> int | str | None:
+    if text in ("auto", "leaves"):
+        return "auto" if text == "auto" else None
+    return _count(text, 0)
+
+
+def _add_unit_depth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unit-depth",
+        type=_unit_depth,
+        default="auto",
+        help="resumable units: 'auto' (shallowest that fits host memory), 'leaves' "
+        "(store every leaf partial), or a depth",
+    )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _device_args(a: argparse.Namespace) -> dict:
+    return {
+        "device": a.device,
+        "device_memory": a.device_memory,
+        "task_bytes": a.task_bytes,
+        "n_cap": a.n_cap,
+        "keep_partials": a.keep_partials,
+    }
+
+
+def _add_device_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda[:N]")
+    s.add_argument(
+        "--device-memory",
+        type=_bytes,
+        default=None,
+        help="device memory the units may use, e.g. 40GiB (default: what the device has)",
+    )
+    s.add_argument(
+        "--task-bytes",
+        type=_bytes,
+        default=None,
+        help="memory one unit may take (default 256MiB, on a GPU 40%% of its memory)",
+    )
+    s.add_argument("--n-cap", type=_count, default=None, help="units resident per device")
+    s.add_argument(
+        "--keep-partials",
+        action="store_true",
+        help="also store every unit's partial, to inspect (k^unit-depth times more disk)",
+    )
+
+
+def _bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = units.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 80GiB, got {text!r}") from None
+    if not math.isfinite(n) or n < 1:
+        raise argparse.ArgumentTypeError(f"must be a size >= 1 byte, got {text!r}")
+    return int(n)

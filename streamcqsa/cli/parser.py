@@ -1,0 +1,191 @@
+"""The ``streamcqsa`` argument parser: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+
+from streamcqsa import __version__
+from streamcqsa.cli.options import (
+    _add_device_args,
+    _add_unit_depth,
+    _bytes,
+    _count,
+    _itr,
+    _positive,
+    _quorum,
+)
+from streamcqsa.cli.planning import cmd_estimate, cmd_plan
+from streamcqsa.cli.store import (
+    cmd_backward,
+    cmd_demo,
+    cmd_init,
+    cmd_repair,
+    cmd_run,
+    cmd_status,
+    cmd_verify,
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streamcqsa",
+        description="Exact long-context attention over Zarr run stores (Stream-CQSA).",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create a run store (random data or .npy files)")
+    s.add_argument("path")
+    s.add_argument("--from-npy", nargs=3, metavar=("Q", "K", "V"), help="q, k, v .npy files")
+    s.add_argument("--seq-len", type=_count, default=4096)
+    s.add_argument("--heads", type=_count, default=8)
+    s.add_argument("--kv-heads", type=_count, default=None)
+    s.add_argument("--head-dim", type=_count, default=64)
+    s.add_argument("--batch", type=_count, default=1)
+    s.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="store dtype (default: float16, or that of the .npy files, which are "
+        "converted to it; a uint16 file holds bfloat16 bit patterns)",
+    )
+    s.add_argument("--causal", action="store_true")
+    s.add_argument("--scale", type=_positive, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--std", type=_positive, default=1.0, help="std of the random inputs")
+    s.add_argument("--chunk-tokens", type=_count, default=None)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument(
+        "--allow-nonfinite", action="store_true", help="keep NaN/Inf in --from-npy inputs"
+    )
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("run", help="run (or resume) the forward pass")
+    s.add_argument("path")
+    s.add_argument("--itr", type=_itr, default=3, help="depth, or 'auto' (from budgets)")
+    s.add_argument("--quorum", type=_quorum, default=3, help="k, or k1,k2,... per level")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--workers", type=_count, default=2)
+    s.add_argument("--scheduler", default=None, help="threads, sync, or a scheduler address")
+    s.add_argument("--restart", action="store_true", help="discard unfinished work of another plan")
+    s.add_argument("--head-group", type=_count, default=None, help="kv heads per unit")
+    _add_unit_depth(s)
+    _add_device_args(s)
+    s.add_argument(
+        "--overlap-io",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="units read ahead and write back on threads of their own: 'auto' on a GPU "
+        "or with a spare core, 'on' for slow storage",
+    )
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("backward", help="run (or resume) the backward pass")
+    s.add_argument("path")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument(
+        "--dout",
+        help=".npy file with dout [B,H,L,D], converted to the store's dtype (for bfloat16: "
+        "float32, or uint16 bit patterns)",
+    )
+    g.add_argument("--random-dout", type=int, metavar="SEED", help="use a random dout")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--workers", type=_count, default=2)
+    s.add_argument(
+        "--restart", action="store_true", help="discard unfinished work of another unit depth"
+    )
+    _add_unit_depth(s)
+    _add_device_args(s)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_backward)
+
+    s = sub.add_parser("status", help="show the store's problem and progress")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    from streamcqsa.pipeline.verify import TOLERANCE_RULE
+
+    s = sub.add_parser(
+        "verify",
+        help="check sampled output rows against float64",
+        description="Check sampled rows of out and lse against float64 attention. "
+        + TOLERANCE_RULE,
+    )
+    s.add_argument("path")
+    s.add_argument("--rows", type=_count, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("plan", help="choose itr, head group and n_cap from memory budgets")
+    s.add_argument("--seq-len", type=_count, required=True)
+    s.add_argument("--heads", type=_count, default=8)
+    s.add_argument("--kv-heads", type=_count, default=None)
+    s.add_argument("--head-dim", type=_count, default=64)
+    s.add_argument("--batch", type=_count, default=1)
+    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--causal", action="store_true")
+    s.add_argument("--device-memory", type=_bytes, default="80GiB")
+    s.add_argument("--host-memory", type=_bytes, default="64GiB")
+    s.add_argument("--devices", type=_count, default=1)
+    s.add_argument("--quorum", type=int, default=3)
+    s.add_argument(
+        "--throughput",
+        type=_positive,
+        default=1e9,
+        help="score entries per second per device (calibrate with the bench)",
+    )
+    s.add_argument("--chunk-tokens", type=_count, default=65536)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser(
+        "estimate",
+        help="time sample tasks here and extrapolate a full run (the paper's scaled evaluation)",
+    )
+    s.add_argument("--seq-len", type=_count, required=True)
+    s.add_argument("--heads", type=_count, default=8)
+    s.add_argument("--kv-heads", type=_count, default=None)
+    s.add_argument("--head-dim", type=_count, default=64)
+    s.add_argument("--batch", type=_count, default=1)
+    s.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--causal", action="store_true")
+    s.add_argument("--itr", type=_itr, default="auto", help="depth, or 'auto' (from budgets)")
+    s.add_argument("--quorum", type=int, default=3)
+    s.add_argument("--device-memory", type=_bytes, default="80GiB")
+    s.add_argument("--host-memory", type=_bytes, default="64GiB")
+    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    s.add_argument("--quick", action="store_true", help="fewer, smaller samples (seconds)")
+    s.add_argument(
+        "--no-pipeline-fit",
+        action="store_true",
+        help="skip the small end-to-end pipeline runs (wall = kernel + fold + I/O)",
+    )
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="also check the model: predict, then run, a full pipeline at L=16384",
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("repair", help="find corrupt chunks; reset the units that made them")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_repair)
+
+    s = sub.add_parser("demo", help="run the store pipeline on a small default and verify")
+    s.add_argument("--seq-len", type=_count, default=8192)
+    s.add_argument("--heads", type=_count, default=4)
+    s.add_argument("--kv-heads", type=_count, default=2)
+    s.add_argument("--head-dim", type=_count, default=64)
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--causal", action="store_true", default=True)
+    s.add_argument("--itr", type=lambda t: _count(t, 0), default=2)
+    s.add_argument("--rows", type=_count, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dir", default=None, help="keep the store here instead of a temp dir")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_demo)
+    return p

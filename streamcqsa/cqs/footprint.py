@@ -1,0 +1,220 @@
+"""Every byte a plan costs: memory per task and unit, disk and I/O per pass.
+
+One module so the chooser (``cqs.budget``), the pipeline's unit choice, its
+guardrail and ``streamcqsa estimate`` size things alike. Pure arithmetic over
+a plan: no torch, no I/O.
+
+The store model these count (``storage.units``): a pass cut at unit depth u
+reads each unit node's tokens once (so every input token k^u-ish times), and
+folds each unit's fp32 partial into one accumulator over the sequence (read
+and written once per unit); the accumulator is the only intermediate on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from streamcqsa.cqs.folds import unit_nodes
+from streamcqsa.cqs.plan import Node, Plan
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+PASSES = ("fwd", "bwd")
+
+
+def leaf_device_bytes(
+    tokens: int, q_heads: int, kv_heads: int, head_dim: int, itemsize: int, kind: str = "fwd"
+) -> int:
+    """Device bytes of one leaf task of ``kind``, inputs in the compute dtype.
+
+    Forward: q, k, v and the kernel's out, plus fp32 out and lse. Backward:
+    q, k, v, dout, out, fp32 lse, fp32 dq/dk/dv accumulators and one block's
+    kernel gradients.
+    """
+    hq, hk, d, c = q_heads, kv_heads, head_dim, itemsize
+    if kind == "fwd":
+        return tokens * d * (c * (2 * hq + 2 * hk) + 4 * hq) + 4 * hq * tokens
+    if kind == "bwd":
+        return tokens * (d * (c * (3 * hq + 2 * hk) + (4 + c) * (hq + 2 * hk)) + 4 * hq)
+    raise ValueError(f"kind must be one of {PASSES}, got {kind!r}")
+
+
+def leaf_host_bytes(
+    tokens: int, q_heads: int, kv_heads: int, head_dim: int, itemsize: int, kind: str = "fwd"
+) -> int:
+    """Host bytes of one in-flight leaf task of ``kind``: its gathered inputs as
+    stored (``itemsize``) plus its fp32 partial twice (read and write buffer)."""
+    hq, hk, d, s = q_heads, kv_heads, head_dim, itemsize
+    if kind == "fwd":
+        return tokens * (d * s * (hq + 2 * hk) + 2 * 4 * hq * (d + 1))
+    if kind == "bwd":
+        return tokens * (d * s * (3 * hq + 2 * hk) + 4 * hq + 2 * 4 * d * (hq + 2 * hk))
+    raise ValueError(f"kind must be one of {PASSES}, got {kind!r}")
+
+
+def unit_host_bytes(
+    plan: Plan,
+    node: Node,
+    *,
+    group_ratio: int,
+    head_group: int,
+    head_dim: int,
+    kind: str = "fwd",
+) -> int:
+    """Host bytes of a task unit that runs ``node``'s subtree in memory.
+
+    Counted in fp32 (CPU kernels compute half types in fp32): the node's
+    gathered inputs, the partial rows its fold holds at its peak (gradients
+    are added up child by child, ``Plan.summed_fold_rows``), the padded copy
+    written out, and one leaf's gathered inputs plus kernel outputs.
+    """
+    hq, hk, d = head_group * group_ratio, head_group, head_dim
+    if kind == "fwd":
+        per_in = d * (hq + 2 * hk)  # q, k, v
+        per_part = hq * (d + 1)  # out, lse
+        held = plan.fold_rows(node)
+    else:
+        per_in = d * (3 * hq + 2 * hk) + hq  # q, k, v, dout, out, lse
+        per_part = d * (hq + 2 * hk)  # dq, dk, dv
+        held = plan.summed_fold_rows(node)
+    leaf = plan.longest_leaf(node)
+    rows = held + node.length
+    return 4 * (node.length * per_in + rows * per_part + leaf * (per_in + per_part))
+
+
+def unit_device_bytes(
+    plan: Plan,
+    node: Node,
+    *,
+    group_ratio: int,
+    head_group: int,
+    head_dim: int,
+    itemsize: int,
+) -> int:
+    """Device bytes of a forward unit that lives on a GPU.
+
+    The node's inputs in the compute dtype, the fp32 partial rows its
+    streamed fold holds at its peak, and one leaf's gathered inputs (at
+    most) and kernel output in the compute dtype.
+    """
+    hq, hk, d = head_group * group_ratio, head_group, head_dim
+    leaf = plan.longest_leaf(node)
+    inputs = itemsize * (node.length + leaf) * d * (hq + 2 * hk)
+    partials = 4 * plan.streamed_fold_rows(node) * hq * (d + 1)
+    return inputs + partials + itemsize * leaf * hq * d
+
+
+def part_row_bytes(heads: int, kv_heads: int, head_dim: int, kind: str) -> int:
+    """fp32 bytes of one token row of a pass's partial (all heads)."""
+    if kind == "fwd":
+        return heads * (head_dim + 1) * 4
+    return (heads + 2 * kv_heads) * head_dim * 4
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One pass's store traffic and disk, in bytes (whole problem)."""
+
+    read_bytes: int
+    write_bytes: int
+    output_bytes: int  # the pass's outputs (dout too, for the backward)
+    accumulator_bytes: int  # the one intermediate (0 when a unit is the whole group)
+    kept_bytes: int  # every unit's partial, if kept
+
+
+def pass_traffic(
+    plan: Plan,
+    unit_depth: int,
+    *,
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    itemsize: int,
+    chunk_tokens: int,
+    kind: str = "fwd",
+    head_group: int | None = None,
+) -> Traffic:
+    """Store traffic of one pass cut at ``unit_depth`` (``itemsize``: stored).
+
+    The accumulator holds every row's partial plus one fp32 counter per
+    (row, head group) (``storage.accumulator``); ``head_group`` None: one
+    group of all kv heads."""
+    groups = kv_heads // (head_group or kv_heads) if kv_heads else 1
+    units = unit_nodes(plan, unit_depth)
+    L, d, s = plan.seq_len, head_dim, itemsize
+    rows = math.ceil(L / chunk_tokens) * chunk_tokens if L else 0
+    unit_rows = sum(n.length for n in units)
+    part = part_row_bytes(heads, kv_heads, d, kind)
+    direct = len(units) == 1
+    acc = 0 if direct else batch * rows * (part + 4 * groups)
+    if kind == "fwd":
+        per_in = d * s * (heads + 2 * kv_heads)
+        out = batch * rows * heads * (d * s + 4)
+    else:
+        per_in = d * s * (3 * heads + 2 * kv_heads) + 4 * heads
+        out = batch * rows * d * s * (2 * heads + 2 * kv_heads)  # dout, dq, dk, dv
+    folds = 0 if direct else batch * unit_rows * part  # read and written once per unit
+    kept_rows = sum(math.ceil(n.length / chunk_tokens) * chunk_tokens for n in units if n.depth)
+    return Traffic(
+        read_bytes=batch * unit_rows * per_in + folds + acc,
+        write_bytes=folds + out,
+        output_bytes=out,
+        accumulator_bytes=acc,
+        kept_bytes=batch * kept_rows * part,
+    )
+
+
+def choose_units(
+    plan: Plan,
+    *,
+    group_ratio: int,
+    kv_heads: int,
+    head_dim: int,
+    budget_bytes: int,
+    kind: str,
+    head_group: int | None = None,
+    device_itemsize: int | None = None,
+) -> tuple[int, int | None]:
+    """(unit_depth, head_group): the shallowest unit depth whose units fit
+    ``budget_bytes``, with the largest head group that fits there (None if
+    none does at any depth and none was given).
+
+    Each level deeper reads every input token k times more and folds its
+    partial k times more, while a unit folds its own subtree in memory for
+    free, so shallow units are fastest; head groups add no work or I/O, so
+    they are split first to get there. With ``device_itemsize`` the budget is
+    device memory and non-leaf units are sized as they live on a GPU.
+    """
+    groups = (
+        [head_group]
+        if head_group is not None
+        else sorted(g for g in range(1, kv_heads + 1) if kv_heads % g == 0)[::-1]
+    )
+
+    def need(n: Node, hg: int) -> int:
+        shape = {"group_ratio": group_ratio, "head_group": hg, "head_dim": head_dim}
+        if device_itemsize is not None and not n.is_leaf:
+            return unit_device_bytes(plan, n, itemsize=device_itemsize, **shape)
+        return unit_host_bytes(plan, n, kind=kind, **shape)
+
+    for depth in range(plan.itr + 1):
+        units = unit_nodes(plan, depth)
+        fits = [hg for hg in groups if max(need(n, hg) for n in units) <= budget_bytes]
+        if fits:
+            return depth, fits[0]
+    return plan.itr, head_group
+
+
+__all__ = [
+    "ITEMSIZE",
+    "PASSES",
+    "Traffic",
+    "choose_units",
+    "leaf_device_bytes",
+    "leaf_host_bytes",
+    "part_row_bytes",
+    "pass_traffic",
+    "unit_device_bytes",
+    "unit_host_bytes",
+]

@@ -1,0 +1,171 @@
+"""The layout of a pass: depth (``itr="auto"``), head group and unit depth.
+
+Memory decides: the depth and head group from the device and host budgets
+(``cqs.budget.choose``), the unit depth as the shallowest whose units fit
+the unit budget (each level deeper folds every token k times more). An
+automatic choice is made once per pass: a resumed pass keeps its units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from streamcqsa.cqs import footprint
+from streamcqsa.cqs.divide import divide
+from streamcqsa.cqs.plan import Plan
+from streamcqsa.storage.layout import Problem, torch_dtype
+from streamcqsa.storage.units import FWD, Layout
+
+
+def auto_plan(
+    p: Problem, device: str, head_group: int | None, guard: dict
+) -> tuple[int, int | None, dict]:
+    """itr, head group and n_cap from the device and host memory budgets."""
+    import psutil
+
+    from streamcqsa.cqs.budget import Budget, choose
+
+    dev_mem = guard.get("budget_bytes")
+    if dev_mem is None:
+        dev_mem = (
+            int(torch.cuda.get_device_properties(device).total_memory * 0.8)
+            if device.startswith("cuda")
+            else 1 << 30
+        )
+    host = int(psutil.virtual_memory().available * 0.5)
+    est = choose(
+        seq_len=p.seq_len,
+        heads=p.heads,
+        kv_heads=p.kv_heads,
+        head_dim=p.head_dim,
+        budget=Budget(dev_mem, host),
+        # CPU kernels compute half types in fp32: size the tasks for that
+        dtype=p.dtype if device.startswith("cuda") else "float32",
+        store_dtype=p.dtype,
+        is_causal=p.is_causal,
+        batch=p.batch,
+        n_cap=guard.get("n_cap", 2),
+        chunk_tokens=p.chunk_tokens,
+    )
+    return est.itr, head_group or est.head_group, {**guard, "n_cap": est.n_cap}
+
+
+def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> int:
+    """Largest divisor of kv_heads whose leaf working set fits the budget.
+
+    Splitting heads adds no work, so it is the first lever for memory.
+    """
+    r = problem.group_ratio
+    per_kv_head = task_tokens * problem.head_dim * 4 * (2 + 3 * r) * 2  # inputs, out, temps
+    best = 1
+    for hg in range(1, problem.kv_heads + 1):
+        if problem.kv_heads % hg == 0 and hg * per_kv_head <= budget_bytes:
+            best = hg
+    return best
+
+
+def default_task_bytes(device: str, n_cap: int, kind: str) -> int:
+    """Memory one unit may take: 256 MiB of host memory, or on a GPU (forward,
+    where a unit lives on the device) 40% of what this process may still
+    allocate there, per resident unit."""
+    if device.startswith("cuda") and kind == FWD:
+        dev = torch.device(device)
+        if dev.index is None:  # the memory queries below need an index
+            dev = torch.device("cuda", torch.cuda.current_device())
+        allowed = torch.cuda.get_device_properties(dev).total_memory
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:  # a cap set by set_per_process_memory_fraction
+            allowed = int(allowed * fraction(dev))
+        used = torch.cuda.memory_allocated(dev)  # the caller's own tensors stay
+        free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - used
+        return int(0.4 * max(0, min(allowed - used, free)) / max(1, n_cap))
+    return 256 << 20
+
+
+def choose_units(
+    plan: Plan,
+    problem: Problem,
+    head_group: int | None,
+    budget_bytes: int,
+    kind: str,
+    device_itemsize: int | None = None,
+) -> tuple[int, int]:
+    """(unit_depth, head_group) for ``problem`` (``cqs.footprint.choose_units``);
+    a head group from ``choose_head_group`` if no depth fits."""
+    depth, hg = footprint.choose_units(
+        plan,
+        group_ratio=problem.group_ratio,
+        kv_heads=problem.kv_heads,
+        head_dim=problem.head_dim,
+        budget_bytes=budget_bytes,
+        kind=kind,
+        head_group=head_group,
+        device_itemsize=device_itemsize,
+    )
+    if hg is None:
+        hg = choose_head_group(problem, max(t.length for t in plan.tasks), budget_bytes)
+    return depth, hg
+
+
+def resume_units(
+    entry: dict | None, problem: Problem, itr: int, quorum: Any, head_group: int | None
+) -> tuple[int | str | None, int | None]:
+    """An automatic choice is made once per pass: a pass already in the store
+    with the same depth and quorums keeps its units and head group, even if
+    the budget (or its default) has changed since."""
+    plan = (entry or {}).get("plan")
+    if not plan:
+        return "auto", head_group
+    built = divide(problem.seq_len, itr, quorum, is_causal=problem.is_causal)  # may be capped
+    if plan.get("itr") != built.itr or list(plan.get("quorums", ())) != list(built.quorums):
+        return "auto", head_group
+    if head_group is not None and head_group != plan.get("head_group"):
+        return "auto", head_group
+    return plan.get("unit_depth", itr), plan.get("head_group")
+
+
+def layout(
+    problem: Problem,
+    itr: int,
+    quorum: int | Sequence[int],
+    head_group: int | None,
+    task_bytes: int,
+    unit_depth: int | str | None,
+    kind: str,
+    device: str = "cpu",
+) -> Layout:
+    plan = divide(problem.seq_len, itr, quorum, is_causal=problem.is_causal)
+    if head_group is not None and (
+        isinstance(head_group, bool)
+        or not isinstance(head_group, int)
+        or head_group < 1
+        or problem.kv_heads % head_group
+    ):
+        raise ValueError(f"head_group {head_group} must divide kv_heads {problem.kv_heads}")
+    if unit_depth == "auto":
+        on_gpu = device.startswith("cuda") and kind == FWD  # forward units live there
+        itemsize = torch.empty((), dtype=torch_dtype(problem.dtype)).element_size()
+        unit_depth, head_group = choose_units(
+            plan, problem, head_group, task_bytes, kind, itemsize if on_gpu else None
+        )
+    elif unit_depth is not None and (
+        isinstance(unit_depth, bool) or not isinstance(unit_depth, int) or unit_depth < 0
+    ):
+        raise ValueError(f"unit_depth must be 'auto', None or an int >= 0, got {unit_depth!r}")
+    if head_group is None:
+        longest = max(t.length for t in plan.tasks)
+        head_group = choose_head_group(problem, longest, task_bytes)
+    return Layout(plan=plan, problem=problem, head_group=head_group, unit_depth=unit_depth)
+
+
+__all__ = [
+    "auto_plan",
+    "choose_head_group",
+    "choose_units",
+    "default_task_bytes",
+    "layout",
+    "resume_units",
+]

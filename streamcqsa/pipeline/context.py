@@ -1,0 +1,108 @@
+"""What every step of a pass needs, shipped once per worker process.
+
+A ``Context`` is plain data (the store, the layout, the device and its
+limits) and pickles as such; the store's arrays and the pass's ``Runtime``
+are opened or built on first use in each process, never pickled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zarr
+
+from streamcqsa.kernels import threads
+from streamcqsa.kernels.runner import WorkCounter
+from streamcqsa.pipeline.runtime import Runtime, StageTimes
+from streamcqsa.storage.runarrays import RunArrays
+from streamcqsa.storage.store import open_group
+from streamcqsa.storage.units import Layout
+
+
+@dataclass
+class Context:
+    store: Any
+    layout: Layout
+    kind: str
+    backend: str = "auto"
+    device: str = "cpu"
+    threads: int | None = None  # torch threads per compute slot (default: cores / n_cap)
+    distributed: bool = False  # steps run in other processes (each with its own runtime)
+    n_cap: int = 2  # units resident per device (the guardrail lowers it on OOM)
+    budget_bytes: int | None = None  # device memory budget the guardrail enforces
+    inject_oom: Any = None  # test hook: (task name, n_cap) -> bool
+    overlap_io: bool | None = None  # read ahead / write back (None: see ``unit.overlaps_io``)
+    keep_partials: bool = False  # also store each unit's partial, for inspection
+    _arrays: RunArrays | None = field(default=None, repr=False, compare=False)
+    _runtime: Runtime | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = state["_runtime"] = None  # rebuilt in the receiving process
+        return state
+
+    def __dask_tokenize__(self) -> str:
+        return f"stream-cqsa-context-{id(self)}"
+
+    @property
+    def arrays(self) -> RunArrays:
+        if self._arrays is None:
+            if isinstance(self.store, zarr.Group):
+                group = self.store
+            else:
+                group, _, _ = open_group(self.store)
+            self._arrays = RunArrays(group, self.layout, self.kind)
+        return self._arrays
+
+    def use_arrays(self, arrays: RunArrays) -> None:
+        """Share the driver's open arrays (an in-memory store is never reopened)."""
+        self._arrays = arrays
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = Runtime(
+                device=self.device,
+                n_cap=self.n_cap,
+                budget_bytes=self.budget_bytes,
+                inject_oom=self.inject_oom,
+                distributed=self.distributed,
+            )
+        return self._runtime
+
+    @property
+    def stages(self) -> StageTimes:
+        return self.runtime.stages
+
+    @property
+    def counter(self) -> WorkCounter:
+        return self.runtime.counter
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def compute_threads(self) -> int:
+        """Torch threads per compute slot: the cores shared by n_cap slots."""
+        return self.threads or max(1, (os.cpu_count() or 1) // max(1, self.n_cap))
+
+    def compute(self, fn: Any) -> Any:
+        """Run ``fn`` on one of the pass's compute slots, inside a kernel
+        thread scope of the slot's width on the CPU (``kernels.threads``)."""
+        device = self.torch_device
+
+        def scoped() -> Any:
+            with threads.computing(device):
+                return fn()
+
+        return self.runtime.compute(scoped, self.compute_threads())
+
+
+__all__ = ["Context"]

@@ -1,0 +1,236 @@
+"""A task unit's compute: read its node's tokens, run the subtree in memory.
+
+The subtree runs with the same leaf runner and tree folds as the in-memory
+engine (``kernels.tree``). Where the unit is its (batch, head group)'s only
+one, it writes the outputs itself and is marked done (``run_direct``);
+otherwise it returns its partial, which ``pipeline.fold`` folds into the
+pass's accumulator (``run_compute``). A unit may also keep its partial in
+the store for inspection.
+
+This (Dask) thread reads and writes; compute goes to the pass's compute
+slots. On CPU this thread's own torch ops (dtype casts of I/O) run single
+threaded, so they start no second OpenMP team.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import torch
+
+from streamcqsa.kernels.backend import get_backend
+from streamcqsa.kernels.tree import backward_tree, forward_tree
+from streamcqsa.kernels.workspace import Workspace
+from streamcqsa.pipeline.context import Context
+from streamcqsa.pipeline.leaves import Leaves
+from streamcqsa.pipeline.readahead import ReadAhead
+from streamcqsa.pipeline.writeback import ChunkWriter
+from streamcqsa.storage.layout import torch_dtype
+from streamcqsa.storage.runarrays import read_runs
+from streamcqsa.storage.units import FWD, Unit, partial_names
+
+Partial = tuple[torch.Tensor, ...]
+
+
+def overlaps_io(ctx: Context) -> bool:
+    """Whether a unit reads ahead and writes back on threads of its own.
+
+    Only where those threads do not take cores from the compute: on a GPU,
+    or when the compute slots leave a core free. On a CPU whose cores all
+    compute, reads and writes from the page cache are memcpy work that would
+    slow the kernels more than the overlap saves.
+    """
+    if ctx.overlap_io is not None:
+        return ctx.overlap_io
+    if ctx.on_cuda:
+        return True
+    return (os.cpu_count() or 1) > ctx.compute_threads() * max(1, ctx.n_cap)
+
+
+def _io_thread(ctx: Context) -> None:
+    if not ctx.on_cuda and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # per thread under OpenMP: the slots keep their own
+
+
+def run_direct(ctx: Context, unit: Unit, *_deps: Any) -> int:
+    """The only unit of its (batch, head group): compute, write the outputs,
+    mark done. Returns 1 if it did work (0: already done)."""
+    arrays = ctx.arrays
+    if arrays.is_done(unit):
+        return 0
+    _io_thread(ctx)
+    if ctx.kind == FWD:
+        _forward(ctx, unit, direct=True)
+    else:
+        _write_backward(ctx, unit, _backward(ctx, unit))
+    arrays.mark(unit)
+    return 1
+
+
+def run_compute(ctx: Context, unit: Unit, *_deps: Any) -> Partial:
+    """A unit's partial (CPU, fp32) for the fold; kept in the store if asked."""
+    _io_thread(ctx)
+    part = _forward(ctx, unit, direct=False) if ctx.kind == FWD else _backward(ctx, unit)
+    if ctx.keep_partials:
+        t = time.perf_counter()
+        for name, x in zip(partial_names(ctx.kind), part, strict=True):
+            ctx.arrays.write_kept(unit.node, name, unit.b, unit.g, x)
+        ctx.stages.add(write=time.perf_counter() - t)
+    return part
+
+
+def _forward(ctx: Context, unit: Unit, *, direct: bool) -> Partial | None:
+    node = ctx.layout.plan.by_path[unit.node]
+    # on a GPU a unit's folds run on the device, as the engine's do (exp and
+    # log round differently there); at most n_cap units hold device buffers
+    if ctx.on_cuda and not node.is_leaf:
+        with ctx.runtime.device_units:
+            return _forward_unit(ctx, unit, direct=direct, on_device=True)
+    return _forward_unit(ctx, unit, direct=direct, on_device=False)
+
+
+def _forward_unit(ctx: Context, unit: Unit, *, direct: bool, on_device: bool) -> Partial | None:
+    lay, arrays = ctx.layout, ctx.arrays
+    p = lay.problem
+    node = lay.plan.by_path[unit.node]
+    dev = ctx.torch_device
+    dt = get_backend(ctx.backend, dev).compute_dtype(torch_dtype(p.dtype), dev)
+    t0 = time.perf_counter()
+    qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
+    stream = overlaps_io(ctx) and not node.is_leaf
+    reader = writer = None
+    d2h = [0.0]
+    final = torch_dtype(p.dtype) if on_device else None
+
+    def write(a: int, z: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        t = time.perf_counter()
+        o = out[:, :, a:z]
+        if final is not None:  # the output's dtype, cast on the device: half the copy
+            o = o.to(final)
+        o, s = o.cpu(), lse[:, :, a:z].cpu()  # no-ops on CPU
+        d2h[0] += time.perf_counter() - t
+        arrays.write_output("out", unit.b, unit.g, a, o)
+        arrays.write_output("lse", unit.b, unit.g, a, s)
+
+    ws = Workspace()  # host buffers: kept mapped from one unit to the next
+    ok = False
+    try:
+        if stream:  # the first leaves start while the rest is read
+            heads = {"q": qh, "k": kh, "v": kh}
+            reader = ReadAhead(
+                lay.plan,
+                node,
+                [(arrays.array(n), heads[n]) for n in ("q", "k", "v")],
+                unit.b,
+                p.dtype,
+                lay.chunk,
+                device=dev if on_device else None,
+            )
+            qkv = reader.tensors
+            if direct:
+                writer = ChunkWriter(write, node.length, lay.chunk)
+        else:
+            alloc = None if on_device else functools.partial(ws.empty, device="cpu")
+            qkv = tuple(
+                read_runs(arrays, n, unit.b, qh if n == "q" else kh, node.runs, p, alloc)
+                for n in ("q", "k", "v")
+            )
+            if on_device:
+                qkv = tuple(t.to(dev) for t in qkv)
+        t1 = time.perf_counter()
+        leaves = Leaves(ctx, unit, dt, on_device=on_device)
+        ts = 0.0
+
+        def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            nonlocal ts
+            ts = time.perf_counter()
+            return forward_tree(  # type: ignore[return-value]
+                lay.plan,
+                node,
+                xs,  # type: ignore[arg-type]
+                leaves.forward,
+                dt,
+                on_rows=writer.rows if writer is not None else _keep if on_device else None,
+                before=None if reader is None else reader.wait,
+                workspace=ws if direct else None,  # a fold's partial outlives the unit
+            )
+
+        out, lse = ctx.compute(functools.partial(compute, qkv))
+        ws.release(*qkv)
+        del qkv
+        read_s, waited, h2d = t1 - t0, 0.0, 0.0
+        if reader is not None:
+            reader.finish()
+            read_s, waited, h2d = reader.read_s, reader.waited_s, reader.h2d_s
+            ts += waited  # time spent waiting for rows is read time, not fold time
+        t2 = time.perf_counter()
+        result: Partial | None = None
+        if not direct:
+            t = time.perf_counter()
+            result = (out.cpu(), lse.cpu())  # the fold reads it (no-op on CPU)
+            d2h[0] += time.perf_counter() - t
+        elif writer is None:
+            write(0, node.length, out, lse)
+        else:
+            writer.finish()  # most chunks were written during the compute
+        if direct:
+            ws.release(out, lse)
+        ok = True
+    finally:
+        if not ok:
+            if reader is not None:
+                reader.finish(failed=True)
+            if writer is not None:
+                writer.finish(failed=True)
+    extra = {"h2d": h2d, "d2h": d2h[0]} if on_device else {}
+    leaves.add_stages(read_s, ts - t1 - waited, t2 - ts, time.perf_counter() - t2, **extra)
+    return result
+
+
+def _keep(*_: Any) -> None:
+    """Rows reported final with nobody writing them early: still lets a
+    unit's fold free each child as soon as it is folded (device memory)."""
+
+
+def _backward(ctx: Context, unit: Unit) -> Partial:
+    lay, arrays = ctx.layout, ctx.arrays
+    p = lay.problem
+    node = lay.plan.by_path[unit.node]
+    dev = ctx.torch_device
+    dt = get_backend(ctx.backend, dev).compute_dtype(torch_dtype(p.dtype), dev)
+    qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
+    t0 = time.perf_counter()
+    ws = Workspace()
+    alloc = functools.partial(ws.empty, device="cpu")
+    xs = tuple(
+        read_runs(arrays, n, unit.b, kh if n in ("k", "v") else qh, node.runs, p, alloc)
+        for n in ("q", "k", "v", "dout", "out", "lse")
+    )
+    t1 = time.perf_counter()
+    leaves = Leaves(ctx, unit, dt)
+    ts = 0.0
+
+    def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        nonlocal ts
+        ts = time.perf_counter()
+        return backward_tree(lay.plan, node, xs, leaves.backward, dt)
+
+    grads = ctx.compute(functools.partial(compute, xs))
+    ws.release(*xs)
+    del xs
+    t2 = time.perf_counter()
+    leaves.add_stages(t1 - t0, ts - t1, t2 - ts, 0.0)
+    return grads
+
+
+def _write_backward(ctx: Context, unit: Unit, grads: Partial) -> None:
+    t = time.perf_counter()
+    for name, x in zip(("dq", "dk", "dv"), grads, strict=True):
+        ctx.arrays.write_output(name, unit.b, unit.g, 0, x)
+    ctx.stages.add(write=time.perf_counter() - t)
+
+
+__all__ = ["overlaps_io", "run_compute", "run_direct"]

@@ -1,0 +1,153 @@
+"""A pass's one stored intermediate: fp32 accumulators over the whole sequence.
+
+Each unit's partial is folded into these in unit order (``cqs.folds``), and
+the outputs are cast from them at the end, so a pass needs one fp32 copy of
+its outputs on disk, whatever its depth.
+
+Layout: one array ``partials/{kind}/acc`` of shape [B, G, L, W] (G head
+groups), one chunk per (batch, head group, store chunk of rows). A row holds
+the group's forward partial (out for each query head, then lse for each) or
+its gradients (dq per query head, dk and dv per kv head), then one *counter*:
+the index of the last unit folded into that chunk. A chunk is written whole
+and atomically, data and counter together, so a fold interrupted anywhere
+is redone exactly: a unit skips the chunks whose counter already shows it.
+
+An absent chunk is one no unit has reached yet (the merge identity: out 0,
+lse -inf, gradients 0, counter -1); once a unit has folded into it, it must
+exist, and the caller checks that against the fold plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from streamcqsa.errors import MissingChunkError
+from streamcqsa.storage import chunkio
+from streamcqsa.storage.layout import Problem
+from streamcqsa.storage.store import array_kwargs
+
+FWD, BWD = "fwd", "bwd"
+
+
+class Accumulator:
+    """The accumulator array of one pass of one store."""
+
+    def __init__(self, group: zarr.Group, problem: Problem, head_group: int, kind: str) -> None:
+        self.group, self.problem, self.kind = group, problem, kind
+        self.hk = head_group
+        self.hq = head_group * problem.group_ratio
+        self.groups = problem.kv_heads // head_group
+        self.chunk = problem.chunk_tokens
+        self._arr: Any = None
+
+    @property
+    def path(self) -> str:
+        return f"partials/{self.kind}/acc"
+
+    @property
+    def width(self) -> int:
+        """Floats per row: the group's partial, then the counter."""
+        d = self.problem.head_dim
+        if self.kind == FWD:
+            return self.hq * (d + 1) + 1
+        return (self.hq + 2 * self.hk) * d + 1
+
+    @property
+    def nbytes(self) -> int:
+        """Disk once every chunk is written (uncompressed, as stored)."""
+        chunks = -(-self.problem.seq_len // self.chunk)
+        return self.problem.batch * self.groups * chunks * self.chunk * self.width * 4
+
+    def create(self) -> None:
+        """Create the (empty) array unless it exists with this shape."""
+        p = self.problem
+        shape = (p.batch, self.groups, p.seq_len, self.width)
+        chunks = (1, 1, self.chunk, self.width)
+        try:
+            arr = self.group[self.path]
+            if tuple(arr.shape) == shape and tuple(arr.chunks) == chunks:
+                self._arr = arr
+                return
+        except KeyError:
+            pass
+        self._arr = self.group.create_array(
+            self.path, shape=shape, **array_kwargs("float32", chunks)
+        )
+
+    @property
+    def array(self) -> Any:
+        if self._arr is None:
+            self._arr = self.group[self.path]
+        return self._arr
+
+    def rows(self, c: int) -> int:
+        return min(self.chunk, self.problem.seq_len - c * self.chunk)
+
+    def _sel(self, b: int, g: int, c: int) -> tuple[slice, ...]:
+        a = c * self.chunk
+        return (slice(b, b + 1), slice(g, g + 1), slice(a, a + self.rows(c)), slice(None))
+
+    def read(self, b: int, g: int, c: int) -> np.ndarray | None:
+        """Chunk ``c`` of (batch b, group g) as [rows, W] float32; None if absent."""
+        try:
+            data = chunkio.read(self.array, self._sel(b, g, c))
+        except MissingChunkError:
+            return None
+        return np.ascontiguousarray(data.reshape(self.rows(c), self.width))
+
+    def identity(self, c: int) -> np.ndarray:
+        """The value of a chunk no unit has reached."""
+        data = np.zeros((self.rows(c), self.width), dtype=np.float32)
+        if self.kind == FWD:
+            d = self.problem.head_dim
+            data[:, self.hq * d : self.hq * (d + 1)] = -np.inf
+        data[:, -1] = -1
+        return data
+
+    def write(self, b: int, g: int, c: int, data: np.ndarray) -> None:
+        """Write chunk ``c`` whole ([rows, W]; the last chunk is padded)."""
+        chunkio.write(self.array, self._sel(b, g, c), data.reshape(1, 1, self.rows(c), self.width))
+
+    def delete(self, b: int, g: int, c: int) -> None:
+        from zarr.core.sync import sync
+
+        from streamcqsa.storage.integrity import chunk_key
+
+        sync(self.array.store.delete(chunk_key(self.array, (b, g, c, 0))))
+
+    def remove(self) -> None:
+        """Drop the whole array (the pass is done)."""
+        try:
+            del self.group[self.path]
+        except KeyError:
+            pass
+        self._arr = None
+
+    @staticmethod
+    def counter(data: np.ndarray) -> int:
+        return int(data[0, -1]) if len(data) else -1
+
+    @staticmethod
+    def set_counter(data: np.ndarray, unit: int) -> None:
+        data[:, -1] = unit
+
+    def views(self, data: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[rows, W] as the partial's tensors, [1, heads, rows, ...] views:
+        (out, lse) forward, (dq, dk, dv) backward."""
+        rows, d = data.shape[0], self.problem.head_dim
+        hq, hk = self.hq, self.hk
+        if self.kind == FWD:
+            out = data[:, : hq * d].view(rows, hq, d).permute(1, 0, 2).unsqueeze(0)
+            lse = data[:, hq * d : hq * (d + 1)].t().unsqueeze(0)
+            return out, lse
+        dq = data[:, : hq * d].view(rows, hq, d).permute(1, 0, 2).unsqueeze(0)
+        dk = data[:, hq * d : (hq + hk) * d].view(rows, hk, d).permute(1, 0, 2).unsqueeze(0)
+        dv = data[:, (hq + hk) * d : (hq + 2 * hk) * d].view(rows, hk, d)
+        return dq, dk, dv.permute(1, 0, 2).unsqueeze(0)
+
+
+__all__ = ["Accumulator"]
