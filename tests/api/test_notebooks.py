@@ -23,7 +23,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 KERNEL = "streamcqsa-test"
 CELL_TIMEOUT_S = 300
 
@@ -63,7 +63,13 @@ def test_notebook_is_stripped(path):
             )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def _runs(path: Path) -> object:
+    """The quickstart runs in the fast suite; the others, slower, with ``slow``."""
+    slow = () if path.stem.startswith("01_") else pytest.mark.slow
+    return pytest.param(path, id=path.stem, marks=slow)
+
+
+@pytest.mark.parametrize("path", [_runs(p) for p in NOTEBOOKS])
 def test_notebook_runs(path, kernel_dir, tmp_path):
     nb = nbformat.read(path, as_version=4)
     km = KernelManager(

@@ -197,7 +197,7 @@ def test_status_says_interrupted_when_no_live_run_holds_the_store(tmp_path, caps
 
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys
     import streamcqsa.pipeline as pipeline
     from streamcqsa.cli import main
 
@@ -211,7 +211,7 @@ CHILD = textwrap.dedent(
             calls += 1
             if calls == 3:
                 print("stalled", flush=True)
-                time.sleep(300)  # until the parent's SIGINT
+                signal.pause()  # until the parent's SIGINT
             return False
 
         return original(*args, inject_oom=stall, **kwargs)

@@ -107,9 +107,9 @@ def test_run_itr_auto_fits_the_budget_without_oom(tmp_path):
     from streamcqsa.storage import create_random
 
     path = tmp_path / "s"
-    create_random(path, seq_len=8192, heads=8, head_dim=64, dtype="float16", is_causal=True)
-    stats = run(path, itr="auto", device_memory=8 << 20, progress=False)
-    assert stats["plan"]["itr"] >= 1  # the whole problem does not fit 8 MiB
+    create_random(path, seq_len=4096, heads=4, head_dim=32, dtype="float16", is_causal=True)
+    stats = run(path, itr="auto", device_memory=2 << 20, progress=False)
+    assert stats["plan"]["itr"] >= 1  # the whole problem does not fit 2 MiB
     assert stats["guardrail"]["events"] == []  # the planned tasks never hit the budget
     assert verify(path, rows=16)["ok"]
 
@@ -127,7 +127,7 @@ def test_unit_choice_fits_the_host_budget(seq_len, itr, kv, r, budget, kind):
     """choose_units takes the shallowest stored level that fits; a tighter
     budget never makes units shallower, and the leaves are the floor."""
     from streamcqsa.cqs.budget import unit_host_bytes
-    from streamcqsa.pipeline.run import choose_units
+    from streamcqsa.pipeline.choose import choose_units
 
     problem = _problem(seq_len, kv, r, "float32", causal=False)
     p = divide(seq_len, itr, 3)
@@ -157,7 +157,7 @@ def test_gpu_unit_choice_fits_the_device_budget(seq_len, itr, kv, r, budget, ite
     compute dtype): every non-leaf unit chosen fits, a tighter budget never
     makes units shallower, and device bytes grow with L and with heads."""
     from streamcqsa.cqs.budget import unit_device_bytes
-    from streamcqsa.pipeline.run import choose_units
+    from streamcqsa.pipeline.choose import choose_units
 
     problem = _problem(seq_len, kv, r, "float16" if itemsize == 2 else "float32", causal=True)
     p = divide(seq_len, itr, 3, is_causal=True)

@@ -5,7 +5,7 @@ over a grid of (L, quorum, causal, tile, itr): every plan it made must come
 out the same, node for node, except where levels that split nothing are now
 left out (then it is the stored plan of the depth kept, with the same work).
 Regenerate only for an intended plan change: run this file as a script,
-``python tests/test_planning_limits.py OUT.json``, against the version whose
+``python tests/cqs/test_planning_limits.py OUT.json``, against the version whose
 plans are the reference.
 """
 
@@ -30,8 +30,8 @@ from streamcqsa.estimate import Calibration, Line, Shape, choose_plan, format_re
 from streamcqsa.estimate import estimate as run_estimate
 
 GiB = 2**30
-DIGESTS = Path(__file__).parent / "data" / "plan_digests.json"
-LIVENESS_S = 60  # catches a hang only; these plans build in well under a second
+DIGESTS = Path(__file__).parents[1] / "data" / "plan_digests.json"
+LIVENESS_S = 300  # catches a hang only, even on a loaded machine
 
 
 def plan_digest(p) -> str:
@@ -288,13 +288,6 @@ def test_quorum_is_checked_at_itr0() -> None:
     check_quorum([], 0)
     check_quorum(5, 1)
     assert divide(100, 0, 5).quorums == ()  # code choosing the depth may pass its quorum
-
-
-def test_cli_plan_refuses_a_bad_quorum(capsys) -> None:
-    from streamcqsa.cli import main
-
-    assert main(["plan", "--seq-len", "1000", "--quorum", "7"]) == 2
-    assert "nearest valid quorum sizes: 6 or 8" in capsys.readouterr().err
 
 
 if __name__ == "__main__":  # regenerate the digests (see the module notes)

@@ -107,6 +107,11 @@ def test_backward_peak_is_summed_fold_rows(pool, monkeypatch, L: int, itr: int) 
     assert ws.peak == plan.summed_fold_rows(plan.root) * row
 
 
+# (B, H, L, D): the large shape's leaves are big enough for every pooled size class
+SMALL = pytest.param((1, 2, 1009, 32), id="small")
+LARGE = pytest.param((1, 4, 2001, 64), id="large", marks=pytest.mark.slow)
+
+
 def _engine(q, k, v, is_causal: bool) -> list[torch.Tensor]:
     xs = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = streamcqsa.attention(*xs, itr=3, is_causal=is_causal, return_lse=True)
@@ -114,14 +119,15 @@ def _engine(q, k, v, is_causal: bool) -> list[torch.Tensor]:
     return [out.detach(), lse, *torch.autograd.grad(out, xs, dout)]
 
 
+@pytest.mark.parametrize("shape", [SMALL, LARGE])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_engine_bits_do_not_depend_on_the_pool(pool, monkeypatch, is_causal: bool) -> None:
+def test_engine_bits_do_not_depend_on_the_pool(pool, monkeypatch, is_causal: bool, shape) -> None:
     """Given-back buffers are NaN-poisoned: a partial read after its release
     would show; and pooled runs give the unpooled bits, forward and backward.
     Every partial is pooled here, down to the smallest leaf's."""
     monkeypatch.setattr(workspace, "MIN_BYTES", 1)
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 4, 2001, 64, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
     pool.poison = False
     set_cache_limit(0)
     ref = _engine(q, k, v, is_causal)
@@ -135,17 +141,20 @@ def test_engine_bits_do_not_depend_on_the_pool(pool, monkeypatch, is_causal: boo
 
 
 @pytest.mark.parametrize(
+    "shape", [(1, 2, 1200, 32), pytest.param((1, 4, 3000, 64), marks=pytest.mark.slow)]
+)
+@pytest.mark.parametrize(
     ("dtype", "unit_depth", "overlap"),
     [(torch.float32, 0, False), (torch.bfloat16, 1, False), (torch.float32, 0, True)],
 )
 def test_pipeline_bits_do_not_depend_on_the_pool(
-    pool, monkeypatch, tmp_path, dtype: torch.dtype, unit_depth: int, overlap: bool
+    pool, monkeypatch, tmp_path, dtype: torch.dtype, unit_depth: int, overlap: bool, shape
 ) -> None:
     """Units' inputs, partials and outputs pooled (and poisoned when given
     back), also with the write-back thread storing rows during the compute."""
     monkeypatch.setattr(workspace, "MIN_BYTES", 1)
     g = torch.Generator().manual_seed(4)
-    q, k, v, dout = (torch.randn(1, 4, 3000, 64, generator=g).to(dtype) for _ in range(4))
+    q, k, v, dout = (torch.randn(*shape, generator=g).to(dtype) for _ in range(4))
     outs = []
     for limit in (0, 256 * MiB, 256 * MiB):
         pool.poison = bool(limit)  # the reference run gives back clean buffers

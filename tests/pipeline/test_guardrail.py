@@ -103,7 +103,7 @@ def test_device_budget_queries_name_a_device_index(monkeypatch):
     device sizing must resolve "cuda" to the current device's index."""
     import torch
 
-    from streamcqsa.pipeline.run import default_task_bytes
+    from streamcqsa.pipeline.choose import default_task_bytes
 
     seen = []
 

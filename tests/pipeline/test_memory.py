@@ -41,8 +41,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-PROBE = Path(__file__).parent / "scripts" / "mem_probe.py"
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = Path(__file__).parents[1] / "scripts" / "mem_probe.py"
 RESULTS = ROOT / "bench" / "results" / "memory.json"
 
 MIB = 1 << 20

@@ -28,8 +28,8 @@ SHAPE = dict(
     chunk_tokens=64,
     is_causal=True,
 )
-# every forward partial stored (leaves included), kept after the pass
-FWD = dict(itr=1, progress=False, head_group=1, unit_depth=None)
+# every forward leaf a unit, its partial kept after the pass
+FWD = dict(itr=1, progress=False, head_group=1, unit_depth=None, keep_partials=True)
 BWD = dict(progress=False, unit_depth=1)
 DOUT = np.random.default_rng(7).standard_normal((1, 4, 700, 16)).astype(np.float32)
 OUTPUTS = ("out", "lse", "dq", "dk", "dv")
@@ -75,7 +75,7 @@ def test_missing_lse_chunk_is_named_and_repaired(ref, tmp_path):
     report = repair(bad)
     assert report["fwd_missing"] == [("lse", (0, 1, 3))]
     assert ("lse", (0, 1, 3)) in report["fwd"]
-    assert 0 < report["fwd_units_reset"] < _units(bad) / 2  # only the owners
+    assert 0 < report["fwd_units_reset"] <= _units(bad) / 2  # only the owners
     stats = run(bad, **FWD)
     assert stats["units_run"] == report["fwd_units_reset"]
     _same(ref, bad, ("out", "lse"))
@@ -94,7 +94,7 @@ def test_missing_out_chunk_is_named_and_repaired(ref, tmp_path):
     report = repair(bad)
     assert report["fwd_missing"] == [("out", (0, 2, 5, 0))]
     assert report["bwd_missing"] == [] and report["bwd_units_reset"] == 0
-    assert 0 < report["fwd_units_reset"] < _units(bad) / 2
+    assert 0 < report["fwd_units_reset"] <= _units(bad) / 2
     stats = run(bad, **FWD)
     assert stats["units_run"] == report["fwd_units_reset"]
     _same(ref, bad, OUTPUTS)
@@ -112,8 +112,8 @@ def test_missing_kept_partial_and_gradient_are_repaired(ref, tmp_path):
     report = repair(bad)
     assert report["fwd_missing"] == [("partials/fwd/d1/lse", (0, 1, j))]
     assert report["bwd_missing"] == [("dk", (0, 1, 2, 0))]
-    assert 0 < report["fwd_units_reset"] < _units(bad) / 2
-    assert 0 < report["bwd_units_reset"] < _units(bad, "bwd") / 2
+    assert 0 < report["fwd_units_reset"] <= _units(bad) / 2
+    assert 0 < report["bwd_units_reset"] <= _units(bad, "bwd") / 2
     assert run(bad, **FWD)["units_run"] == report["fwd_units_reset"]
     assert run_backward(bad, **BWD)["units_run"] == report["bwd_units_reset"]
     assert os.path.exists(leaf)
@@ -125,14 +125,14 @@ def test_missing_out_chunk_of_pass_without_partials(ref, tmp_path):
     and the deleted partials are not reported as damage."""
     path = tmp_path / "s"
     create_random(path, **SHAPE)
-    run(path, **FWD, keep_partials=False)
+    run(path, **{**FWD, "keep_partials": False})
     os.remove(path / "out" / "c" / "0" / "3" / "8" / "0")
     with pytest.raises(MissingChunkError, match=r"array 'out' chunk \(0, 3, 8, 0\)"):
         checked_read(zarr.open_group(path, mode="r")["out"], (0, 3, slice(None)))
     report = repair(path)
     assert report["fwd_missing"] == [("out", (0, 3, 8, 0))]
     assert 0 < report["fwd_units_reset"] <= _units(path) / 2  # head group 1 only
-    assert run(path, **FWD, keep_partials=False)["units_run"] == report["fwd_units_reset"]
+    assert run(path, **{**FWD, "keep_partials": False})["units_run"] == report["fwd_units_reset"]
     _same(ref, path, ("out", "lse"))
     left = [f for f in (path / "partials").rglob("*") if f.is_file() and "/c/" in f.as_posix()]
     assert left == []  # the partials are deleted again
@@ -142,8 +142,9 @@ class _Killed(RuntimeError):
     pass
 
 
-class _KillAtMerge(WrapperStore):
-    """Fails the first write of the root merge: the run stops after leaves."""
+class _KillAtFinal(WrapperStore):
+    """Fails the first write of an output: the run stops once every unit is
+    folded into the accumulator, before any is cast to the outputs."""
 
     async def set(self, key, value):  # noqa: ANN001
         if key.startswith("out/c/"):
@@ -151,21 +152,20 @@ class _KillAtMerge(WrapperStore):
         return await self._store.set(key, value)
 
 
-def test_missing_leaf_partial_of_killed_run_is_repaired(ref, tmp_path):
+def test_missing_accumulator_chunk_of_killed_run_is_repaired(ref, tmp_path):
     path = tmp_path / "s"
     create_random(path, **SHAPE)
     with pytest.raises(_Killed):
-        run(_KillAtMerge(LocalStore(path)), **FWD, scheduler="sync")
-    leaves = glob.glob(f"{path}/partials/fwd/d1/out/c/*/*/*/*")
-    assert leaves  # finished leaves, no merge above them yet
-    for f in leaves:  # (a causal leaf has rows no merge reads: lose them all)
-        os.remove(f)
-    # the resume would fold zeros in place of the leaves' rows
-    with pytest.raises(MissingChunkError, match=r"array 'partials/fwd/d1/out' chunk"):
+        run(_KillAtFinal(LocalStore(path)), **FWD, scheduler="sync")
+    acc = sorted(glob.glob(f"{path}/partials/fwd/acc/c/*/*/*/*"))
+    assert acc  # folded units, nothing cast yet
+    os.remove(acc[0])
+    # the resume would fold into the identity in place of the units' rows
+    with pytest.raises(MissingChunkError, match=r"array 'partials/fwd/acc' chunk"):
         run(path, **FWD)
     report = repair(path)
-    assert len(report["fwd_missing"]) == len(leaves)
-    assert {name for name, _ in report["fwd_missing"]} == {"partials/fwd/d1/out"}
+    assert {name for name, _ in report["fwd_missing"]} == {"partials/fwd/acc"}
+    assert 0 < report["fwd_units_reset"] <= _units(path) / 2  # one (b, g) only
     run(path, **FWD)
     _same(ref, path, ("out", "lse", "partials/fwd/d1/out", "partials/fwd/d1/lse"))
 

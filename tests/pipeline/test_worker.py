@@ -8,6 +8,8 @@ import pytest
 
 from streamcqsa.pipeline import worker
 
+LIVENESS_S = 120  # only catches a hang
+
 
 def test_jobs_run_on_the_serving_thread():
     slots = worker.ComputeSlots(1, threads=None)
@@ -42,7 +44,7 @@ def test_close_fails_waiting_jobs_and_later_calls():
     while not slots._pending:  # the job is queued
         pass
     slots.close()
-    t.join(timeout=10)
+    t.join(timeout=LIVENESS_S)
     assert not t.is_alive() and isinstance(errors[0], worker.Cancelled)
     with pytest.raises(worker.Cancelled):
         slots.call(lambda: 1)
@@ -57,12 +59,20 @@ def test_helpers_run_jobs_and_stop():
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=10)
+        t.join(timeout=LIVENESS_S)
     assert results == [7, 7, 7, 7]
     slots.close()
     assert not any(h.is_alive() for h in slots._helpers)
 
 
 def test_an_ended_local_pass_refuses_stragglers():
+    """A step left running after its pass ended (failed or interrupted) gets
+    no compute: the driver's slots are gone with the pass."""
+    from streamcqsa.pipeline.runtime import Runtime
+
+    rt = Runtime(device="cpu", n_cap=1)
+    rt.attach(worker.Inline())
+    assert rt.compute(lambda: 3, None) == 3
+    rt.detach()
     with pytest.raises(worker.Cancelled):
-        worker.executor("no-such-run", "cpu", 1, distributed=False)
+        rt.compute(lambda: 3, None)

@@ -96,11 +96,18 @@ def test_chunk_writer_reports_errors_and_missing_rows():
     w.finish(failed=True)
 
 
-@pytest.mark.parametrize("unit_depth", [0, 1])
 @pytest.mark.parametrize(
-    ("dtype", "causal", "itr"),
-    [(torch.float32, True, 2), (torch.bfloat16, False, 3), (torch.float16, True, 1)],
+    ("dtype", "causal", "itr", "unit_depth"),
+    [
+        (torch.float32, True, 2, 0),
+        pytest.param(torch.float32, True, 2, 1, marks=pytest.mark.slow),
+        pytest.param(torch.bfloat16, False, 3, 0, marks=pytest.mark.slow),
+        (torch.bfloat16, False, 3, 1),
+        (torch.float16, True, 1, 0),
+        pytest.param(torch.float16, True, 1, 1, marks=pytest.mark.slow),
+    ],
 )
+@pytest.mark.usefixtures("default_threads")  # the engine's bits are compared with a pass's
 def test_read_ahead_and_write_back_keep_the_bits(
     tmp_path, monkeypatch, dtype, causal, itr, unit_depth
 ):
@@ -110,17 +117,26 @@ def test_read_ahead_and_write_back_keep_the_bits(
     import zarr
 
     import streamcqsa
+    from streamcqsa.attention import Engine
+    from streamcqsa.kernels.backend import get_backend
     from streamcqsa.pipeline import run
     from streamcqsa.storage import create
     from streamcqsa.storage.layout import to_torch
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, hh, 517, 32, generator=g).to(dtype) for hh in (4, 2, 2))
-    out, lse = streamcqsa.attention(q, k, v, itr=itr, is_causal=causal, return_lse=True)
     path = tmp_path / "s"
     create(path, q, k, v, is_causal=causal, chunk_tokens=48)
     stats = run(path, itr=itr, progress=False, head_group=1, unit_depth=unit_depth, overlap_io=True)
     assert stats["units_run"] > 0
+    # the engine folding at the pass's unit depth (0: streamcqsa.attention's bits)
+    plan = cached_plan(517, itr, tuple(stats["plan"]["quorums"]), causal)
+    eng = Engine(plan, get_backend("auto", q.device), 32**-0.5, 1, None, unit_depth)
+    out, lse = eng.forward(q, k, v)
+    out = out.to(dtype)
+    if unit_depth == 0:
+        o2, l2 = streamcqsa.attention(q, k, v, itr=itr, is_causal=causal, return_lse=True)
+        assert torch.equal(o2, out) and torch.equal(l2, lse)
     grp = zarr.open_group(path, mode="r")
     name = str(dtype).removeprefix("torch.")
     assert torch.equal(to_torch(np.asarray(grp["out"][:]), name), out)
@@ -152,11 +168,11 @@ def test_read_ahead_reports_a_corrupt_input_chunk(tmp_path, monkeypatch):
 
     import zarr
 
-    from streamcqsa.pipeline import run, steps
+    from streamcqsa.pipeline import run, unit
     from streamcqsa.storage import create_random
     from streamcqsa.storage.integrity import CorruptChunkError
 
-    monkeypatch.setattr(steps, "overlaps_io", lambda ctx: True)
+    monkeypatch.setattr(unit, "overlaps_io", lambda ctx: True)
     path = tmp_path / "s"
     create_random(path, seq_len=700, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
     victim = sorted(glob.glob(f"{path}/v/c/0/1/*/0"))[7]

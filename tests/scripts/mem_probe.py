@@ -1,4 +1,4 @@
-"""Peak-RSS probe for tests/test_memory.py: one store operation in a fresh process.
+"""Peak-RSS probe for tests/pipeline/test_memory.py: one store operation in a fresh process.
 
     python mem_probe.py create PATH --seq-len L --heads H --head-dim D [--dtype DT]
     python mem_probe.py run PATH --itr N [--head-group G] [--workers W] [--no-check-inputs]

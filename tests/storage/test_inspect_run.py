@@ -7,14 +7,14 @@ import pytest
 from streamcqsa.pipeline import run
 from streamcqsa.storage import create_random
 from streamcqsa.storage import open as open_run
-from streamcqsa.storage.partials import RunArrays
+from streamcqsa.storage.runarrays import RunArrays
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("inspect") / "s.zarr"
     create_random(path, seq_len=300, heads=2, head_dim=16, dtype="float32", chunk_tokens=64)
-    run(path, itr=2, progress=False, unit_depth=None)
+    run(path, itr=2, progress=False, unit_depth=None, keep_partials=True)
     return path
 
 
@@ -32,7 +32,7 @@ def test_unknown_node_is_refused_naming_valid_ones(store, bad):
 def test_valid_names_and_paths_agree(store):
     r = open_run(store)
     assert r.node("r").path == r.node(()).path == ()
-    leaf = next(t for t in r.tasks() if t.kind == "task")
+    leaf = next(t for t in r.tasks() if t.kind == "unit")
     assert r.node(leaf.name).path == r.node(list(leaf.path)).path == leaf.path
     assert r.partial(leaf.name).out.shape == r.partial(leaf).out.shape
 

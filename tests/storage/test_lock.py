@@ -134,7 +134,7 @@ def test_owner_written_late_is_named(tmp_path, monkeypatch):
     """Exclusive create, then write (no hard links): the loser waits for the
     owner to appear and names it."""
     monkeypatch.setattr(lock_mod, "OWNER_WAIT_S", LIVENESS_S)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     f = tmp_path / LOCK_NAME
     f.write_bytes(b"")
     owner = {"pid": holder.pid, "host": socket.gethostname(), "since": 0}
@@ -208,7 +208,7 @@ def test_takeover_in_progress_is_waited_for_then_named(tmp_path, monkeypatch):
     monkeypatch.setattr(lock_mod, "TAKEOVER_WAIT_S", 0.05)
     _write_stale(tmp_path, _dead_pid())
     seen = lock_mod._read(tmp_path / LOCK_NAME)
-    taker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    taker = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     try:
         claim = tmp_path / f"{LOCK_NAME}.takeover-{seen.ident}"
         claim.write_text(json.dumps({"pid": taker.pid, "host": socket.gethostname()}))

@@ -1,0 +1,53 @@
+"""The benchmark suite runs end to end (``bench/run.py --quick`` at toy sizes).
+
+Marked ``slow``: it runs every bench section, so it stays out of ``make test``
+(``pytest -m slow tests/test_bench.py`` runs it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_suite_smoke(tmp_path):
+    """``bench/run.py --quick`` at toy sizes: every section yields its rows, one
+    table, JSON that parses (the numbers themselves mean nothing this small)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "suite.py"
+    spec = importlib.util.spec_from_file_location("bench_suite", path)
+    suite = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(suite)  # type: ignore[union-attr]
+    suite.main(
+        [
+            "--quick",
+            "--seq-len",
+            "1024",
+            "--dense-seq-len",
+            "512",
+            "--heads",
+            "2",
+            "--delay",
+            "0.002",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    data = json.loads((tmp_path / "suite-quick.json").read_text())
+    sections = {r["section"] for r in data["rows"]}
+    assert sections >= {
+        "engine vs SDPA",
+        "pipeline vs SDPA",
+        "block-sparse vs dense leaves",
+        "I/O overlap",
+        "estimate model",
+    }
+    pipe = [r for r in data["rows"] if r["section"] == "pipeline vs SDPA"]
+    assert sorted({r["itr"] for r in pipe}) == [1, 2, 3]
+    dense = [r for r in data["rows"] if r["section"] == "block-sparse vs dense leaves"]
+    assert all(r["base_work"] > r["work"] for r in dense)
+    md = (tmp_path / "suite-quick.md").read_text()
+    assert md.count("\n| ") >= len(data["rows"]) and "GPU" in md
