@@ -18,10 +18,17 @@ def _itr(text: str) -> int | str:
 
 
 def _count(text: str, minimum: int = 1) -> int:
+    """An int, also written as a whole number in exponent form (``1e9``)."""
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        try:
+            f = float(text)
+        except ValueError:
+            f = float("nan")
+        if not (f.is_integer() and abs(f) < 2**63):
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        v = int(f)
     if v < minimum:
         raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
     return v

@@ -22,6 +22,7 @@ from streamcqsa.cqs.footprint import (  # the byte formulas, re-exported for cal
     leaf_device_bytes,
     leaf_host_bytes,
     pass_traffic,
+    peak_disk,
     unit_device_bytes,
     unit_host_bytes,
 )
@@ -129,7 +130,7 @@ def estimate(
         device_bytes_per_task=per_task,
         device_bytes=per_task * n_cap,
         host_bytes=host,
-        disk_bytes=inputs + traffic.output_bytes + traffic.accumulator_bytes,
+        disk_bytes=inputs + peak_disk(traffic.output_bytes, traffic.accumulator_bytes),
         read_bytes=traffic.read_bytes,
         write_bytes=traffic.write_bytes,
         entries=entries,
@@ -223,7 +224,7 @@ def _traffic_fields(
     inputs = batch * plan.seq_len * head_dim * ssize * (heads + 2 * kv_heads)
     return {
         "unit_depth": depth,
-        "disk_bytes": inputs + t.output_bytes + t.accumulator_bytes,
+        "disk_bytes": inputs + peak_disk(t.output_bytes, t.accumulator_bytes),
         "read_bytes": t.read_bytes,
         "write_bytes": t.write_bytes,
         "partial_disk_bytes": t.accumulator_bytes,

@@ -206,6 +206,22 @@ def choose_units(
     return plan.itr, head_group
 
 
+def peak_disk(output_bytes: int, accumulator_bytes: int, final_bytes: int = 0) -> int:
+    """New disk a pass holds at its peak (dout and kept partials aside).
+
+    Units fold into the accumulator; each final then writes one chunk's
+    outputs and drops that accumulator chunk. An accumulator chunk is at
+    least as large as the outputs cast from it (fp32, with the lse and a
+    counter), so stored accumulator chunks plus finished outputs never
+    exceed the whole accumulator, save the outputs of the finals in flight
+    (``final_bytes``: one chunk's outputs times the finals that may run at
+    once). A pass whose unit is the whole group writes its outputs only.
+    """
+    if not accumulator_bytes:
+        return output_bytes
+    return max(accumulator_bytes + final_bytes, output_bytes)
+
+
 __all__ = [
     "ITEMSIZE",
     "PASSES",
@@ -215,6 +231,7 @@ __all__ = [
     "leaf_host_bytes",
     "part_row_bytes",
     "pass_traffic",
+    "peak_disk",
     "unit_device_bytes",
     "unit_host_bytes",
 ]

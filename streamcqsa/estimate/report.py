@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from streamcqsa.cqs.divide import divide, quorum_for
+from streamcqsa.cqs.footprint import peak_disk
 from streamcqsa.estimate.calibrate import (
     CALIBRATION_POINTS,
     QUICK_POINTS,
@@ -238,7 +239,8 @@ def check_model(
 
 
 def _peak_disk(disk: dict) -> int:
-    """Inputs and both passes' outputs, plus the larger accumulator (a pass
-    drops its own when it is done)."""
-    outputs = disk["inputs"] + disk["fwd_outputs"] + disk["bwd_outputs"]
-    return outputs + max(disk["fwd_partials"], disk["bwd_partials"])
+    """Inputs, the forward's outputs, then the backward's peak (each pass's
+    peak is ``cqs.footprint.peak_disk``; a pass drops its accumulator)."""
+    fwd = peak_disk(disk["fwd_outputs"], disk["fwd_partials"])
+    bwd = disk["fwd_outputs"] + peak_disk(disk["bwd_outputs"], disk["bwd_partials"])
+    return disk["inputs"] + max(fwd, bwd)

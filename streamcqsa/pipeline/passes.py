@@ -148,7 +148,7 @@ class Pass:
 
     def _check_disk(self, arrays: RunArrays, new_dout: bool) -> dict:
         """The disk this pass needs at its peak; refuse to start without it."""
-        needs = disk_needs(arrays, self.a["keep_partials"], new_dout)
+        needs = disk_needs(arrays, self.a["keep_partials"], new_dout, self.a["workers"])
         if not isinstance(self.path, (str, os.PathLike)):
             return needs
         free = shutil.disk_usage(self.path).free

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamcqsa.cqs.footprint import peak_disk
 from streamcqsa.storage.layout import stored_dtype
 from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.units import partial_names
@@ -82,13 +83,14 @@ def _on_disk(root: Path, names: list[str]) -> int:
     return total
 
 
-def disk_needs(arrays: RunArrays, keep_partials: bool, new_dout: bool) -> dict:
-    """The disk a pass needs at its peak (the accumulator is written whole
-    before the finals cast it to the outputs and drop it chunk by chunk)."""
+def disk_needs(arrays: RunArrays, keep_partials: bool, new_dout: bool, in_flight: int) -> dict:
+    """The disk a pass needs at its peak (``cqs.footprint.peak_disk``), with
+    ``in_flight`` finals running at once."""
     lay, kind = arrays.layout, arrays.kind
     p = lay.problem
+    outputs = _output_bytes(arrays)
     out = {
-        "outputs_bytes": _output_bytes(arrays),
+        "outputs_bytes": outputs,
         "accumulator_bytes": lay.accumulator_bytes(kind),
         "kept_bytes": lay.kept_partial_bytes(kind) if keep_partials else 0,
         "dout_bytes": 0,
@@ -96,7 +98,13 @@ def disk_needs(arrays: RunArrays, keep_partials: bool, new_dout: bool) -> dict:
     if new_dout:
         item = 2 if stored_dtype(p.dtype) in ("float16", "uint16") else 4
         out["dout_bytes"] = p.batch * p.heads * lay.chunks * lay.chunk * p.head_dim * item
-    out["peak_bytes"] = sum(out.values())
+    finals = p.batch * lay.groups * lay.chunks
+    per_final = -(-outputs // finals) if finals else 0
+    out["peak_bytes"] = (
+        out["dout_bytes"]
+        + out["kept_bytes"]
+        + peak_disk(outputs, out["accumulator_bytes"], per_final * max(1, in_flight))
+    )
     root = arrays.group.store.root if hasattr(arrays.group.store, "root") else None
     have = 0
     if root is not None:
