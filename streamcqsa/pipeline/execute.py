@@ -44,6 +44,21 @@ class Progress(Callback):
             self.bar.close()
 
 
+def _check_resources(client: Any, resources: dict | None) -> None:
+    """Refuse a GPU pass on a cluster none of whose workers declares the GPU
+    resource: its steps would wait for such a worker forever."""
+    if not resources:
+        return
+    workers = client.scheduler_info().get("workers", {})
+    if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
+        raise ValueError(
+            "a CUDA pass runs each step on a worker with the resource GPU=1, and no worker "
+            f"of this cluster ({len(workers)} workers) declares it; start the workers with "
+            "`--resources GPU=1` (one per GPU, e.g. CUDA_VISIBLE_DEVICES=N), or use "
+            "dask-cuda's LocalCUDACluster(resources={'GPU': 1})"
+        )
+
+
 def execute(
     graph: dict,
     *,
@@ -56,12 +71,14 @@ def execute(
     dsk, finals = graph["dsk"], graph["finals"]
     resources = {"GPU": 1} if ctx.on_cuda else None
     if scheduler is not None and hasattr(scheduler, "get"):  # a distributed Client
+        _check_resources(scheduler, resources)
         scheduler.get(dsk, finals, resources=resources)
         return
     if isinstance(scheduler, str) and "://" in scheduler:
         from distributed import Client
 
         with Client(scheduler) as client:
+            _check_resources(client, resources)
             client.get(dsk, finals, resources=resources)
         return
     total = graph["leaves"] + sum(1 for key in graph["units"] if key[0].endswith(COUNTED))

@@ -66,3 +66,21 @@ def test_distributed_needs_a_path():
     create_random(store, seq_len=64, heads=1, head_dim=8, dtype="float32")
     with pytest.raises(ValueError, match="shared filesystem"):
         run(store, itr=1, scheduler="tcp://127.0.0.1:1")
+
+
+def test_cuda_pass_refuses_a_cluster_without_gpu_workers():
+    """A CUDA pass's steps need a worker with GPU=1: without one they would
+    wait forever, so the pass refuses before submitting anything."""
+    from streamcqsa.pipeline.execute import _check_resources
+
+    class Client:
+        def __init__(self, resources):  # noqa: ANN001
+            self.info = {"workers": {f"w{i}": {"resources": r} for i, r in enumerate(resources)}}
+
+        def scheduler_info(self):  # noqa: ANN202
+            return self.info
+
+    with pytest.raises(ValueError, match="no worker .* declares it"):
+        _check_resources(Client([{}, {"CPU": 4}]), {"GPU": 1})
+    _check_resources(Client([{}, {"GPU": 1}]), {"GPU": 1})
+    _check_resources(Client([{}]), None)  # a CPU pass needs no resource
