@@ -48,6 +48,7 @@ from streamcqsa.storage import create
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overlap  # noqa: E402  (bench/ is not a package)
 from busy import busy_rows  # noqa: E402
+from results_readme import git_commit  # noqa: E402
 from table import markdown, row, timed  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         "D": a.head_dim,
         "reps": a.reps,
         "command": "python bench/run.py --quick" if a.quick else "make bench",
+        "commit": git_commit(),
         "wall_s": time.perf_counter() - t0,
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "gpu_note": (

@@ -92,7 +92,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "# Benchmark suite",
         "",
         f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} torch threads), "
-        f"torch {meta['torch']}. B=1, H={meta['H']}, D={meta['D']}; vs-SDPA rows at "
+        f"torch {meta['torch']}"
+        + (f", commit {meta['commit']}" if meta.get("commit") else "")
+        + f". B=1, H={meta['H']}, D={meta['D']}; vs-SDPA rows at "
         f"L={meta['L']}, medians of {meta['reps']} interleaved repeats after one untimed "
         "warm-up call of each (SDPA, engine, pipeline); dense-leaf rows at "
         f"L={meta['L_dense']}. Regenerate: `{meta['command']}` ({meta['wall_s']:.0f} s).",

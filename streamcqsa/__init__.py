@@ -1,5 +1,8 @@
 """Exact long-context attention by cyclic-quorum-set division."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from streamcqsa.attention import attention
 from streamcqsa.cqs import divide, interest_set
 from streamcqsa.cqs.budget import Budget, Estimate
@@ -33,4 +36,7 @@ __all__ = [
     "interest_set",
     "plan",
 ]
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml), never a second copy
+    __version__ = _version("stream-cqsa")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -26,6 +26,8 @@ from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.store import open_group
 from streamcqsa.storage.units import BWD, FWD, Layout, Unit
 
+ARRAYS = ("q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv")  # the logical arrays
+
 
 @dataclass(frozen=True)
 class TaskStatus:
@@ -51,7 +53,10 @@ class Partial:
 
 
 class Run:
-    """A run store opened for reading: arrays, tasks, partials, status."""
+    """A run store opened for reading: arrays, tasks, partials, status.
+
+    ``run.out``, ``run["out"]`` and ``run.arrays["out"]`` are the same lazy
+    dask array; likewise q, k, v, lse, dout, dq, dk and dv once stored."""
 
     def __init__(self, path: Any) -> None:
         self.path = path
@@ -63,16 +68,45 @@ class Run:
 
     # -- arrays --------------------------------------------------------------
     def array(self, name: str) -> da.Array:
-        """A stored array as a dask array in its logical dtype."""
-        arr = da.from_zarr(self.group[name])
+        """A stored array (``"out"``, or a path such as ``"partials/fwd/acc"``) as
+        a dask array in its logical dtype: bf16, stored as its uint16 bit
+        pattern, comes back as float32 (numpy has no bfloat16). Nothing is read
+        until it is computed. KeyError, naming what is stored, if absent."""
+        try:
+            stored = self.group[name]
+        except KeyError:
+            have = ", ".join(n for n in ARRAYS if n in self.group)
+            raise KeyError(f"no array {name!r} in this store yet (it has: {have})") from None
+        arr = da.from_zarr(stored)
         if self.problem.dtype == "bfloat16" and arr.dtype == np.uint16:
             arr = arr.map_blocks(_bf16_to_f32, dtype=np.float32)
         return arr
 
+    def __getitem__(self, name: str) -> da.Array:
+        """``run["out"]``: the same as ``run.array("out")``."""
+        return self.array(name)
+
     @property
     def arrays(self) -> dict[str, da.Array]:
-        names = ("q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv")
-        return {n: self.array(n) for n in names if n in self.group}
+        """Every stored one of q, k, v, out, lse, dout, dq, dk, dv, by name."""
+        return {n: self.array(n) for n in ARRAYS if n in self.group}
+
+    q = property(lambda self: self._attr("q"), doc="Queries [B, H, L, D] (dask).")
+    k = property(lambda self: self._attr("k"), doc="Keys [B, Hkv, L, D] (dask).")
+    v = property(lambda self: self._attr("v"), doc="Values [B, Hkv, L, D] (dask).")
+    out = property(lambda self: self._attr("out"), doc="Attention output [B, H, L, D] (dask).")
+    lse = property(lambda self: self._attr("lse"), doc="Log-sum-exp [B, H, L], fp32 (dask).")
+    dout = property(lambda self: self._attr("dout"), doc="Stored dout [B, H, L, D] (dask).")
+    dq = property(lambda self: self._attr("dq"), doc="Gradient of q [B, H, L, D] (dask).")
+    dk = property(lambda self: self._attr("dk"), doc="Gradient of k [B, Hkv, L, D] (dask).")
+    dv = property(lambda self: self._attr("dv"), doc="Gradient of v [B, Hkv, L, D] (dask).")
+
+    def _attr(self, name: str) -> da.Array:
+        """An array attribute; AttributeError (so ``hasattr`` is False) if absent."""
+        try:
+            return self.array(name)
+        except KeyError as e:
+            raise AttributeError(e.args[0]) from None
 
     # -- plan and tasks ----------------------------------------------------------
     def layout(self, kind: str = FWD) -> Layout | None:
