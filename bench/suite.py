@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from streamcqsa import attention
 from streamcqsa.cqs import divide
 from streamcqsa.cqs.divide import Node
-from streamcqsa.kernels import runner, threads
+from streamcqsa.kernels import runner
 from streamcqsa.kernels.tokens import gather_runs
 from streamcqsa.pipeline import run
 from streamcqsa.storage import create
@@ -58,12 +58,6 @@ ESTIMATE_TARGET = 0.20
 # ---------------------------------------------------------------- 1. vs SDPA
 
 
-def scoped_attention(*args: Any, **kw: Any) -> Any:
-    """``attention`` inside ``kernels.threads.scope()`` (docs/speed.md)."""
-    with threads.scope():
-        return attention(*args, **kw)
-
-
 def sdpa_rows(
     L: int,
     H: int,
@@ -74,13 +68,11 @@ def sdpa_rows(
     dtypes: list[torch.dtype],
     device: str = "cpu",
     label: str = "",
-    scoped: bool = False,
 ) -> list[dict]:
     """Engine and pipeline against SDPA, interleaved per repeat so that load on a
     shared machine shifts all columns of a repeat together. ``label`` is added
-    to the section names; ``scoped`` adds engine rows run in ``threads.scope``."""
+    to the section names."""
     rows = []
-    scoped_itrs = itrs if scoped and device == "cpu" else []
     tmp = Path(tempfile.mkdtemp(prefix="scqsa-suite-"))
     try:
         for dtype in dtypes:
@@ -120,9 +112,6 @@ def sdpa_rows(
                         )
                         for itr in itrs:
                             add(f"e{itr}", partial(attention, q, k, v, itr=itr, is_causal=causal))
-                        for itr in scoped_itrs:
-                            fn = partial(scoped_attention, q, k, v, itr=itr, is_causal=causal)
-                            add(f"s{itr}", fn)
                         for itr in pipe_itrs:
                             dst = tmp / f"run-{r}-{itr}"
                             shutil.copytree(src, dst)
@@ -133,7 +122,6 @@ def sdpa_rows(
                 base = statistics.median(times["sdpa"])
                 kinds = (
                     ("e", "engine", itrs),
-                    ("s", "engine, scoped", scoped_itrs),
                     ("p", "pipeline", pipe_itrs),
                 )
                 for kind, ours, its in kinds:
@@ -332,7 +320,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--no-busy", dest="busy", action="store_false", help="skip the busy-neighbour section"
     )
-    ap.add_argument("--no-scoped", dest="scoped", action="store_false", help="no scoped rows")
     ap.add_argument("--out", default=str(OUT), help="directory for suite[-quick].md/.json")
     a = ap.parse_args(argv)
     for name, full, quick in (
@@ -346,11 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     itrs = [1, 2, 3]
     dtypes = [torch.float32, torch.bfloat16]
-    rows = sdpa_rows(a.seq_len, a.heads, a.head_dim, a.reps, itrs, itrs, dtypes, scoped=a.scoped)
+    rows = sdpa_rows(a.seq_len, a.heads, a.head_dim, a.reps, itrs, itrs, dtypes)
     if a.busy:  # the same rows again beside one CPU-bound process
         rows += busy_rows(
-            partial(sdpa_rows, a.seq_len, a.heads, a.head_dim, a.reps, itrs, itrs, dtypes),
-            scoped=a.scoped,
+            partial(sdpa_rows, a.seq_len, a.heads, a.head_dim, a.reps, itrs, itrs, dtypes)
         )
     cuda = torch.cuda.is_available()
     if cuda:

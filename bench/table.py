@@ -128,9 +128,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "(`python -c 'while True: pass'`) spins on a core; SDPA is measured under that "
         "same load in the same repeats, so the ratio says how much worse than SDPA the "
         "engine degrades when a core is shared. The note gives the cores the neighbour "
-        "actually held. *engine, scoped*: `attention` called inside "
-        "`streamcqsa.kernels.threads.scope()`, so the folds between kernel calls also "
-        "run without OpenMP teams (see docs/speed.md).",
+        "actually held (see docs/speed.md).",
         "- *block-sparse vs dense leaves*: every leaf of the plan, run alone with the "
         "same CPU flash kernel: ours skips masked blocks; the paper's way runs the "
         "leaf's whole square with an explicit -inf mask, evaluating (k²/n)^itr of the "
