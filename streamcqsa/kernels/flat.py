@@ -15,10 +15,15 @@ folded, the first one too: a pass that resumes mid-fold cannot tell "first"
 from "absorbed", and the in-memory reference must do exactly what it does.
 With a single unit (u = 0) there is nothing to fold: its partial is the
 result, as in the engine's hierarchical tree.
+
+Units that are leaves run at once where ``kernels.tree`` runs a node's
+leaves at once (``tree.leaf_groups``), at most two per thread held, and are
+folded in unit order as they come (``threads.run_in_order``): the same bits.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,9 +31,10 @@ from torch import Tensor
 
 from streamcqsa.cqs.folds import row_runs, unit_nodes
 from streamcqsa.cqs.plan import Node, Plan
+from streamcqsa.kernels import threads
 from streamcqsa.kernels.merge import merge_partials
 from streamcqsa.kernels.runner import accumulator_dtype
-from streamcqsa.kernels.tree import LeafRun, backward_tree, forward_tree
+from streamcqsa.kernels.tree import LeafRun, backward_tree, forward_tree, leaf_groups
 
 
 def fold_forward(acc: tuple[Tensor, Tensor], part: tuple[Tensor, Tensor]) -> None:
@@ -60,13 +66,22 @@ def forward_flat(
     acc = accumulator_dtype(dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:-1], -math.inf, dtype=acc, device=q.device)
-    for node in units:
-        part = forward_tree(plan, node, _gather(qkv, node), leaf, dtype)
+
+    def unit(node: Node) -> tuple[Tensor, Tensor]:
+        return forward_tree(plan, node, _gather(qkv, node), leaf, dtype)  # type: ignore[arg-type]
+
+    def add(node: Node, part: tuple[Tensor, Tensor]) -> None:
         for a, n, off in row_runs(node):
             fold_forward(
                 (out[:, :, a : a + n], lse[:, :, a : a + n]),
                 (part[0][:, :, off : off + n], part[1][:, :, off : off + n]),
             )
+
+    for group in leaf_groups(units, q.device, q.shape[0] * q.shape[1]):
+        threads.run_in_order(
+            [functools.partial(unit, node) for node in group],
+            lambda i, part, group=group: add(group[i], part),
+        )
     return out, lse
 
 
@@ -79,13 +94,22 @@ def backward_flat(
         return backward_tree(plan, units[0], xs, leaf, dtype)
     acc = accumulator_dtype(dtype)
     grads = tuple(torch.zeros(t.shape, dtype=acc, device=t.device) for t in xs[:3])
-    for node in units:
-        part = backward_tree(plan, node, _gather(xs, node), leaf, dtype)
+
+    def unit(node: Node) -> tuple[Tensor, Tensor, Tensor]:
+        return backward_tree(plan, node, _gather(xs, node), leaf, dtype)
+
+    def add(node: Node, part: tuple[Tensor, ...]) -> None:
         for a, n, off in row_runs(node):
             fold_backward(
                 tuple(g[:, :, a : a + n] for g in grads),
                 tuple(p[:, :, off : off + n] for p in part),
             )
+
+    for group in leaf_groups(units, xs[0].device, xs[0].shape[0] * xs[0].shape[1]):
+        threads.run_in_order(
+            [functools.partial(unit, node) for node in group],
+            lambda i, part, group=group: add(group[i], part),
+        )
     return grads  # type: ignore[return-value]
 
 

@@ -18,13 +18,16 @@ options and why this one.
 - A runner call deals its (batch, kv-head) units into ``cells``, one thread
   each; with fewer units than threads it runs its kernel calls at once
   instead (``runner._execute``). ``run_tasks`` runs whole independent tasks
-  at once, each single-threaded inside: one hand-over per group of tasks.
+  at once, each single-threaded inside: one hand-over per group of tasks;
+  ``run_in_order`` does too, handing results on in order, a few at a time.
+  ``kernels.tree`` and ``kernels.flat`` run the leaves under a node so
+  where ``tasks_width`` allows.
 - The bits do not depend on the width: a kernel computes each (batch, head)
   on its own, always single-threaded, and merges and sums are elementwise,
   applied per element in a fixed order whichever thread does it.
-- Helper threads are made on first use (one fewer than the widest call so
-  far) and kept. A helper runs what it is given inline, never waiting for
-  another helper; a forked child starts with none.
+- Helper threads are made when a job finds none free, and kept. A helper
+  runs what it is given inline, never waiting for another helper; a forked
+  child starts with none.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ Cell = tuple[Piece, ...]
 _local = threading.local()
 
 
+TASKS_AT_ONCE = True  # False: tree and flat run their leaves one by one (for comparison)
+
+
 def width() -> int:
     """Threads a runner call on this thread may use: the scope's, else torch's."""
     w = getattr(_local, "width", None)
@@ -57,7 +63,7 @@ def _set_threads(n: int) -> None:
 
 
 @contextlib.contextmanager
-def scope(threads: int | None = None) -> Iterator[int]:
+def scope(threads: int | None = None, *, tasks: bool | None = None) -> Iterator[int]:
     """Run a computation of many kernel calls on ``threads`` (default: this
     thread's torch thread count) without OpenMP teams.
 
@@ -67,7 +73,24 @@ def scope(threads: int | None = None) -> Iterator[int]:
     own. A nested scope without ``threads`` keeps the outer width. Yields
     the width. torch's thread count is per thread under OpenMP, but threads
     that first use torch while a scope is open start from its count (1).
+
+    ``tasks=False``: ``kernels.tree`` and ``kernels.flat`` run their leaves
+    one by one here, each on the whole width (for a caller whose leaves
+    wait on something shared, such as a pipeline's guardrail, which would
+    let only a few run at once). None keeps the outer scope's choice (at
+    the top: at once).
     """
+    outer_tasks = getattr(_local, "tasks", True)
+    _local.tasks = outer_tasks if tasks is None else tasks
+    try:
+        with _width(threads) as w:
+            yield w
+    finally:
+        _local.tasks = outer_tasks
+
+
+@contextlib.contextmanager
+def _width(threads: int | None) -> Iterator[int]:
     outer = getattr(_local, "width", None)
     if threads is None and outer is not None:
         yield outer
@@ -85,10 +108,25 @@ def scope(threads: int | None = None) -> Iterator[int]:
         _set_threads(before)
 
 
-def computing(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """``scope()`` for a computation on ``device`` if it is the CPU; else
-    nothing (a GPU's kernels do not use OpenMP teams)."""
-    return scope() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+def tasks_width(device: torch.device | str) -> int:
+    """Threads for whole tasks at once: the scope's width on the CPU; else 1
+    (outside a scope, in one with ``tasks=False``, or on a GPU: tasks run
+    one by one)."""
+    w = getattr(_local, "width", None)
+    at_once = TASKS_AT_ONCE and getattr(_local, "tasks", True)
+    if not at_once or w is None or torch.device(device).type != "cpu":
+        return 1
+    return w
+
+
+def computing(
+    device: torch.device | str, *, tasks: bool | None = None
+) -> contextlib.AbstractContextManager:
+    """``scope(tasks=tasks)`` for a computation on ``device`` if it is the
+    CPU; else nothing (a GPU's kernels do not use OpenMP teams)."""
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    return scope(tasks=tasks)
 
 
 def cells(batch: int, kv_heads: int, threads: int) -> list[Cell]:
@@ -139,36 +177,45 @@ def deal(costs: Sequence[int], threads: int) -> list[list[int]]:
 
 
 class _Helpers:
-    """Threads that run cells other than the caller's, single queue, FIFO."""
+    """Threads that run cells other than the caller's, single queue, FIFO.
+
+    Every job submitted finds a helper that is free or about to be (one is
+    made when none is): a job never queues behind another caller's, which
+    may wait on something (a pipeline's guardrail) that this job's caller
+    holds."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._count = 0
+        self._spare = 0  # helpers idle, or done with their job, and not yet promised one
         self._lock = threading.Lock()
 
-    def ensure(self, n: int) -> None:
+    def submit(self, job: tuple[Callable[[], Any], int, tuple[bool, bool], Any, int]) -> None:
         with self._lock:
-            while self._count < n:
+            if self._spare:
+                self._spare -= 1
+            else:
                 threading.Thread(
                     target=self._serve, name=f"streamcqsa-kernel-{self._count}", daemon=True
                 ).start()
                 self._count += 1
-
-    def submit(self, job: tuple[Callable[[], Any], int, tuple[bool, bool], Any, int]) -> None:
         self._jobs.put(job)
 
     def _serve(self) -> None:
         _local.helper = True  # a helper's own cells run inline: helpers never wait for helpers
         while True:
             fn, threads, (grad, inference), done, index = self._jobs.get()
+            result, error = None, None
             try:
                 _set_threads(threads)
                 # autograd modes are per thread: the caller's hold for its cells
                 with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                     result = fn()
-                done.put((index, result, None))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
-                done.put((index, None, e))
+                error = e
+            with self._lock:  # free before the caller hears: its next job may take this one
+                self._spare += 1
+            done.put((index, result, error))
 
 
 _HELPERS = _Helpers()
@@ -201,7 +248,6 @@ def run_cells(fns: Sequence[Callable[[], Any]], threads: int) -> list[Any]:
         finally:
             _set_threads(before)
     done: queue.SimpleQueue = queue.SimpleQueue()
-    _HELPERS.ensure(len(fns) - 1)
     modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
     for i, fn in enumerate(fns[1:], start=1):
         _HELPERS.submit((fn, threads, modes, done, i))
@@ -258,3 +304,76 @@ def run_tasks(fns: Sequence[Callable[[], Any]], costs: Sequence[int]) -> list[An
     with scope(w):
         run_cells([take] * min(w, len(fns)), 1)
     return out
+
+
+def run_in_order(
+    fns: Sequence[Callable[[], Any]],
+    consume: Callable[[int, Any], None],
+    ahead: int | None = None,
+) -> None:
+    """Run independent tasks at once as ``run_tasks`` does, and call
+    ``consume(i, result)`` for each in ``fns`` order, one call at a time, on
+    whichever thread is free (single-threaded, like the tasks).
+
+    A task starts only while fewer than ``ahead`` (default: twice the width)
+    are running or waiting for ``consume``, so a caller that frees each
+    result there holds at most ``ahead`` at a time, and a thread done before
+    the one ahead of it mostly finds another task to take. After a failure
+    no task starts; those running are waited for, then the first failure is
+    raised.
+    """
+    w, n = width(), len(fns)
+    if w < 2 or n < 2:
+        for i, fn in enumerate(fns):
+            consume(i, fn())
+        return
+    ahead = max(1, 2 * w if ahead is None else ahead)
+    cond = threading.Condition()
+    done: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    started = consumed = 0
+    consuming = False
+
+    def next_job() -> tuple[int, bool] | None:  # (index, consume it?); under cond
+        nonlocal started, consuming
+        while not errors and consumed < n:
+            if not consuming and consumed in done:
+                consuming = True
+                return consumed, True
+            if started < min(n, consumed + ahead):
+                started += 1
+                return started - 1, False
+            cond.wait()
+        return None
+
+    def work() -> None:
+        nonlocal consumed, consuming
+        with scope(1):
+            try:
+                while True:
+                    with cond:
+                        job = next_job()
+                        if job is None:
+                            return
+                        i, eat = job
+                        result = done.pop(i) if eat else None
+                    if eat:
+                        consume(i, result)
+                        result = None  # the caller may have freed it
+                    else:
+                        result = fns[i]()
+                    with cond:
+                        if eat:
+                            consumed, consuming = consumed + 1, False
+                        else:
+                            done[i] = result
+                        cond.notify_all()
+            except BaseException as e:  # noqa: BLE001 - raised by the caller below
+                with cond:
+                    errors.append(e)
+                    cond.notify_all()
+
+    with scope(w):
+        run_cells([work] * min(w, n), 1)
+    if errors:
+        raise errors[0]

@@ -4,17 +4,28 @@ The engine runs the whole tree on the full sequence; a pipeline unit runs the
 subtree below one stored node on the tokens it gathered for that node. Both
 make the same leaf calls and the same folds in the same order, so both give
 the same bits, whichever node the work is cut at.
+
+On the CPU, in a thread scope of width 2 or more, the leaves under a node run
+at once (``threads.run_tasks``, each single-threaded inside): one hand-over
+per node instead of one per leaf, and a thread the OS sets aside holds up
+one leaf, not a share of each. Their partials are folded afterwards in the
+same order as one by one, so the bits are the same. The forward keeps all
+of a node's children until its fold anyway, so this holds no more; the
+backward, which adds each child as it comes, keeps at most two per thread
+(``threads.run_in_order``). A ``before`` hook then runs on those threads.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from streamcqsa.cqs.divide import Node, Plan
+from streamcqsa.kernels import threads
 from streamcqsa.kernels.fold import fold, merge_combine
 from streamcqsa.kernels.runner import accumulator_dtype
 from streamcqsa.kernels.tokens import leaf_tokens
@@ -23,6 +34,10 @@ from streamcqsa.kernels.workspace import Workspace
 # (leaf, q, k, v, fill_empty=, workspace=) -> (out, lse);
 # (leaf, q, k, v, dout, out, lse, workspace=) -> (dq, dk, dv)
 LeafRun = Callable[..., tuple[Tensor, ...]]
+
+# score entries (times batch and heads) from which a leaf left over at the end
+# of a run of leaves at once is run split over the whole width instead
+TAIL_MIN = 1 << 24
 
 
 def forward_tree(
@@ -96,7 +111,15 @@ class _Forward:
                 fill_empty=top,  # only a partial that leaves this call is read whole
                 workspace=self.ws if self.lend_base or not top else None,
             )
-        parts = {c: self.node(plan.by_path[c]) for c in node.children}
+        parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        q = self.qkv[0]
+        kids = [plan.by_path[c] for c in node.children]
+        for group in leaf_groups(kids, q.device, q.shape[0] * q.shape[1]):
+            got = threads.run_tasks(
+                [functools.partial(self.node, c) for c in group],
+                [c.blocks.entries if c.blocks else 0 for c in group],
+            )
+            parts.update((c.path, part) for c, part in zip(group, got, strict=True))
         out = self._partial(node)
         fold(plan.merge_sources(node), parts, out, merge_combine, (0.0, -math.inf))
         for part in parts.values():
@@ -212,9 +235,9 @@ def _backward(
                 g[:, :, src.start : src.start + src.length].zero_()
         for j, (path, off) in enumerate(src.sources):
             pieces.setdefault(path, []).append((src.start, off, src.length, j == 0))
-    for c in node.children:
-        part = _backward(plan, plan.by_path[c], xs, leaf, dtype, base, ws, lend_base)
-        for start, off, n, first in pieces.get(c, ()):
+
+    def add(c: Node, part: tuple[Tensor, ...]) -> None:
+        for start, off, n, first in pieces.get(c.path, ()):
             for g, p in zip(grads, part, strict=True):
                 dst, piece = g[:, :, start : start + n], p[:, :, off : off + n]
                 if first:
@@ -222,4 +245,44 @@ def _backward(
                 else:
                     dst += piece
         ws.release(*part)
+
+    kids = [plan.by_path[c] for c in node.children]
+    for group in leaf_groups(kids, xs[0].device, xs[0].shape[0] * xs[0].shape[1]):
+        threads.run_in_order(
+            [
+                functools.partial(_backward, plan, c, xs, leaf, dtype, base, ws, lend_base)
+                for c in group
+            ],
+            lambda i, part, group=group: add(group[i], part),
+        )
     return grads  # type: ignore[return-value]
+
+
+def leaf_groups(nodes: Sequence[Node], device: torch.device, heads: int = 1) -> list[list[Node]]:
+    """``nodes`` in order, in groups to run at once: each run of consecutive
+    leaves is one group where tasks may run at once on ``device`` here
+    (``threads.tasks_width``); every other node is a group of its own.
+
+    So that the threads end a run together, its last leaves (as many as the
+    width does not divide) are groups of their own, run one by one on the
+    whole width, when each computes at least ``TAIL_MIN`` score entries over
+    ``heads`` (batch entries times query heads); smaller ones gain less from
+    that than they lose to its hand-overs and to a thread the OS sets aside.
+    """
+    w = threads.tasks_width(device)
+    runs: list[list[Node]] = []
+    for n in nodes:
+        if w > 1 and n.is_leaf and runs and runs[-1][-1].is_leaf:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    groups: list[list[Node]] = []
+    for run in runs:
+        cut = len(run) - len(run) % w
+        tail = run[cut:] if len(run) > 1 else []
+        if tail and all(n.blocks.entries * heads >= TAIL_MIN for n in tail):  # type: ignore[union-attr]
+            groups += [run[:cut]] if cut else []
+            groups += [[n] for n in tail]
+        else:
+            groups.append(run)
+    return groups

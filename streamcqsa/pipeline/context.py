@@ -99,7 +99,8 @@ class Context:
         device = self.torch_device
 
         def scoped() -> Any:
-            with threads.computing(device):
+            # leaves one by one: the guardrail admits n_cap leaves at a time
+            with threads.computing(device, tasks=False):
                 return fn()
 
         return self.runtime.compute(scoped, self.compute_threads())
