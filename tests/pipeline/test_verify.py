@@ -152,7 +152,8 @@ def test_one_row_scaled_by_1_01_fails_in_fp32(tmp_path, std):
     g["out"][0, 0, row] = np.asarray(g["out"][0, 0, row]) * np.float32(1.01)
     res = verify(path, rows=32)
     assert not res["ok"] and res["rows_failed"] == 1 and res["worst"] == (0, 0, row)
-    assert res["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
+    # judged against sum_j p_j |v_j|, at least |out|: at most the 1% itself
+    assert res["tolerance"] < res["max_rel_error"] <= 0.01 * (1 + 1e-3)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
