@@ -25,6 +25,7 @@ from streamcqsa.cqs.budget import (
 )
 from streamcqsa.cqs.divide import DEFAULT_QUORUM, Plan, divide
 from streamcqsa.cqs.footprint import pass_traffic
+from streamcqsa.kernels.device import compute_dtype_name
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,9 @@ class PlanCost:
 
 
 def compute_dtype(dtype: str, device: str) -> str:
-    """CPU kernels compute half types in fp32 (the torch backend casts once per task)."""
-    return "float32" if device.startswith("cpu") else dtype
+    """The dtype kernels on ``device`` (a name; it need not be present here)
+    compute ``dtype`` in: ``kernels.device``'s rule."""
+    return compute_dtype_name(device.split(":")[0], dtype)
 
 
 def task_bytes(

@@ -24,6 +24,7 @@ from streamcqsa.estimate.calibrate import (
 )
 from streamcqsa.estimate.model import PASSES, Shape, plan_choice, plan_cost
 from streamcqsa.estimate.timing import default_device, pipeline_run
+from streamcqsa.kernels.device import default_n_cap
 
 # Repeats of one sample task further apart than this (median over the
 # samples) mean the machine was busy while calibrating: the fitted times,
@@ -54,7 +55,7 @@ def estimate(
     from streamcqsa.storage.layout import default_chunk_tokens
 
     device = device or default_device()
-    n_cap = 2 if device.startswith("cuda") else 1  # the pipeline's defaults
+    n_cap = default_n_cap(device.split(":")[0])  # the pipeline's default
     chunk = default_chunk_tokens(shape.seq_len)
     t0 = time.perf_counter()
     plan, hg, n_cap = plan_choice(

@@ -21,15 +21,11 @@ import torch
 from streamcqsa.cqs.divide import Node, Plan, divide
 from streamcqsa.cqs.interest import chunk_count
 from streamcqsa.estimate.model import Shape
+from streamcqsa.kernels.device import Device
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+    return str(Device.of("auto"))
 
 
 def reduced_plans(itr: int, quorum: int, is_causal: bool, leaf_tokens: Sequence[int]) -> list[Plan]:
@@ -84,7 +80,7 @@ def time_tasks(
     dev = torch.device(device)
     cdt = get_backend(backend, dev).compute_dtype(torch_dtype(dtype), dev)
     g = torch.Generator(device="cpu").manual_seed(0)
-    cuda = device.startswith("cuda")
+    where = Device.of(device)
     rows: list[dict[str, float]] = [
         {"tokens": t.length, "entries": t.blocks.entries * hq, "fwd_s": math.inf, "bwd_s": math.inf}  # type: ignore[union-attr]
         for t in tasks
@@ -99,21 +95,21 @@ def time_tasks(
             )
             out = lse = None
             for name in ("fwd", "bwd"):
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(dev)
-                _sync(device)
+                where.reset_peak()
+                where.synchronize()
                 t = time.perf_counter()
                 if name == "fwd":
                     out, lse = runner.forward(q, k, v, task.blocks, backend=backend)  # type: ignore[arg-type]
                 else:
                     runner.backward(q, k, v, dout, out, lse, task.blocks, backend=backend)  # type: ignore[arg-type]
-                _sync(device)
+                where.synchronize()
                 dt = time.perf_counter() - t
                 if r >= first:
                     row[f"{name}_s"] = min(row[f"{name}_s"], dt)
                     row[f"{name}_s_max"] = max(row.get(f"{name}_s_max", 0.0), dt)
-                if cuda:
-                    row[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+                peak = where.peak_bytes()
+                if peak is not None:
+                    row[f"{name}_peak_bytes"] = peak
             del q, k, v, dout, out, lse
         if r >= first:
             now = sum(row["fwd_s"] + row["bwd_s"] for row in rows)
@@ -132,6 +128,7 @@ def time_fold(
     from streamcqsa.kernels.merge import merge_partials
 
     dev = torch.device(device)
+    where = Device.of(device)
     g = torch.Generator().manual_seed(1)
 
     def rnd(*s: int) -> torch.Tensor:
@@ -150,10 +147,10 @@ def time_fold(
         fn()
         best = math.inf
         for _ in range(repeats):
-            _sync(device)
+            where.synchronize()
             t = time.perf_counter()
             fn()
-            _sync(device)
+            where.synchronize()
             best = min(best, time.perf_counter() - t)
         out[name] = best / elems
     return out

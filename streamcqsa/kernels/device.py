@@ -17,8 +17,28 @@ The rules it holds:
   CUDA and the free pooled host buffers (``kernels.workspace``) on CPU.
 - Timing uses CUDA events on the device's current stream (reading the
   figure waits for that stream, nothing else) and ``perf_counter`` on CPU.
-- A side stream (copies beside compute) is a CUDA stream; on CPU there is
-  nothing to overlap, so it is a no-op context whose ``stream`` is None.
+- Streams and events: on CUDA, copies and writes run on streams of their
+  own, ordered by events. On CPU nothing is queued, so ``stream()`` is None,
+  ``using(None)`` does nothing, an event is complete when recorded (it keeps
+  its host time, for spans) and waiting on it returns at once. Code written
+  against these calls runs the same bookkeeping on both, synchronously on CPU.
+- Host staging buffers are pinned on CUDA (asynchronous copies need it) and
+  plain on CPU.
+- Where the folds of a unit living on the device run (its subtree's folds,
+  and its partial's fold into the pass's accumulator): on a GPU, on the GPU,
+  since exp and log round differently there and the engine folds there too;
+  on a CPU, on the host. (Backward units live on the host: see
+  ``pipeline.choose.unit_device``.)
+- Read-ahead and write-back threads pay off on a GPU (the device computes
+  while the host reads); on a CPU only where the compute leaves a core free,
+  since their memcpy work would otherwise slow the kernels more than the
+  overlap saves. Their own torch ops run single-threaded on CPU, so they
+  start no second OpenMP team beside the compute's.
+- Memory budgets: a unit living on a GPU may take 40% of what this process
+  may still allocate there, per resident unit; elsewhere a unit takes
+  ``HOST_UNIT_BYTES`` of host memory. The automatic plan sizes tasks for 80%
+  of a GPU's memory, or ``HOST_TASK_BYTES`` on CPU.
+- Dask steps on a GPU need a worker started with the resource ``GPU=1``.
 """
 
 from __future__ import annotations
@@ -33,8 +53,23 @@ import torch
 from streamcqsa.errors import DeviceOOM
 from streamcqsa.kernels.workspace import empty_cache as _free_host_pool
 
-_HALF = (torch.float16, torch.bfloat16)
+_HALF_NAMES = ("float16", "bfloat16")
 _CPU_ALLOC_FAILED = "DefaultCPUAllocator: can't allocate memory"
+HOST_UNIT_BYTES = 256 << 20  # a unit's host memory where it does not live on a GPU
+HOST_TASK_BYTES = 1 << 30  # the automatic plan's task budget on CPU
+
+
+def default_n_cap(device_type: str) -> int:
+    """Units resident on a device at once unless the caller says: two on a
+    GPU (one's copies overlap the other's kernels), one on a CPU (one unit's
+    kernels already take every core)."""
+    return 2 if device_type == "cuda" else 1
+
+
+def compute_dtype_name(device_type: str, dtype: str) -> str:
+    """The dtype (by name) kernels on a device type compute a stored dtype in:
+    the rule of ``Device.compute_dtype``, for a device not present here."""
+    return "float32" if device_type != "cuda" and dtype in _HALF_NAMES else dtype
 
 
 @dataclass(frozen=True)
@@ -86,7 +121,11 @@ class Device:
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype kernels compute a stored dtype in."""
-        return torch.float32 if not self.is_cuda and dtype in _HALF else dtype
+        return getattr(torch, compute_dtype_name(self.type, str(dtype).removeprefix("torch.")))
+
+    @property
+    def default_n_cap(self) -> int:
+        return default_n_cap(self.type)
 
     @property
     def allows_float64(self) -> bool:
@@ -115,20 +154,128 @@ class Device:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def reset_peak(self) -> None:
+        """Start counting ``peak_bytes`` afresh."""
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int | None:
+        """Peak bytes allocated on the device since ``reset_peak``; None on CPU
+        (the host's allocations are the process's, not the device's)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.is_cuda else None
+
     def timer(self) -> Timer:
         """``with dev.timer() as t: ...`` then ``t.seconds``."""
         return Timer(self.device if self.is_cuda else None)
 
-    def side_stream(self) -> Any:
-        """A context that runs its body on a new stream; its ``stream`` attribute
-        is that stream (None on CPU, where the context does nothing)."""
+    # -- streams and events (see the module's rules) -----------------------------
+    def stream(self) -> Any:
+        """A new stream on this device; None on CPU."""
+        return torch.cuda.Stream(self.device) if self.is_cuda else None
+
+    def using(self, stream: Any) -> Any:
+        """A context whose body queues its work on ``stream`` (None: as is)."""
+        return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+    def record(self, stream: Any = None, *, timing: bool = False) -> Any:
+        """An event marking the work queued so far on ``stream`` (default: the
+        current stream). Host waits on it block rather than spin."""
+        if not self.is_cuda:
+            return HostEvent()
+        ev = torch.cuda.Event(enable_timing=timing, blocking=True)
+        ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return ev
+
+    def wait(self, event: Any, stream: Any = None) -> None:
+        """Work queued later on ``stream`` (default: current) waits for ``event``
+        on the device; the host does not wait."""
         if self.is_cuda:
-            return torch.cuda.stream(torch.cuda.Stream(self.device))
-        return _NoStream()
+            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(
+                event
+            )
+
+    def adopt(self, stream: Any, tensors: Any) -> None:
+        """Buffers allocated on the current stream become safe to fill on
+        ``stream``: it first waits for work queued before they were handed out
+        (their memory may have been freed by such work), and the allocator
+        learns they are in use there."""
+        if stream is None:
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in tensors:
+            t.record_stream(stream)
+
+    @property
+    def pins_host(self) -> bool:
+        """Whether host staging buffers are pinned."""
+        return self.is_cuda
+
+    # -- where work runs, and how much memory it may take ---------------------------
+    @property
+    def folds_on_device(self) -> bool:
+        """Whether the folds of a unit living on this device run on it (else on
+        the host)."""
+        return self.is_cuda
+
+    @property
+    def fold_device(self) -> torch.device:
+        """Where a unit's folds run."""
+        return self.device if self.folds_on_device else torch.device("cpu")
+
+    def overlaps_io(self, compute_cores: int, cores: int) -> bool:
+        """Whether units read ahead and write back on threads of their own,
+        given the cores the compute slots take out of the machine's."""
+        return self.is_cuda or cores > compute_cores
+
+    def enter_io_thread(self) -> None:
+        """Set up the calling thread to read and write (not compute)."""
+        if not self.is_cuda and torch.get_num_threads() != 1:
+            torch.set_num_threads(1)  # per thread under OpenMP: the slots keep their own
+
+    @property
+    def dask_resources(self) -> dict[str, int] | None:
+        """Resources a Dask step on this device needs from its worker."""
+        return {"GPU": 1} if self.is_cuda else None
+
+    def plan_bytes(self) -> int:
+        """Task memory the automatic plan sizes for."""
+        if self.is_cuda:
+            return int(torch.cuda.get_device_properties(self.device).total_memory * 0.8)
+        return HOST_TASK_BYTES
+
+    def unit_bytes(self, n_cap: int) -> int:
+        """Memory one unit living on this device may take (``n_cap`` resident)."""
+        if not self.is_cuda:
+            return HOST_UNIT_BYTES
+        dev = self.device
+        allowed = torch.cuda.get_device_properties(dev).total_memory
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:  # a cap set by set_per_process_memory_fraction
+            allowed = int(allowed * fraction(dev))
+        used = torch.cuda.memory_allocated(dev)  # the caller's own tensors stay
+        free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - used
+        return int(0.4 * max(0, min(allowed - used, free)) / max(1, n_cap))
 
 
-class _NoStream(contextlib.nullcontext):
-    stream = None
+class HostEvent:
+    """An event on a device that queues nothing: complete when made; keeps
+    the host time it was made at, so spans read the same way as CUDA's."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def record(self, stream: Any = None) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        """Milliseconds from this event to ``end`` (CUDA's unit)."""
+        return (end.t - self.t) * 1e3
 
 
 class Timer:
@@ -142,8 +289,9 @@ class Timer:
     def __enter__(self) -> Timer:
         if self._cuda is not None:
             stream = torch.cuda.current_stream(self._cuda)
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
+            # blocking: a host reading the figure sleeps rather than spins
+            self._start = torch.cuda.Event(enable_timing=True, blocking=True)
+            self._end = torch.cuda.Event(enable_timing=True, blocking=True)
             self._start.record(stream)
         else:
             self._t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 from streamcqsa.cqs import footprint
 from streamcqsa.cqs.divide import divide
 from streamcqsa.cqs.plan import Plan
+from streamcqsa.kernels.device import Device, compute_dtype_name
 from streamcqsa.storage.layout import Problem, torch_dtype
 from streamcqsa.storage.units import FWD, Layout
 
@@ -28,13 +29,10 @@ def auto_plan(
 
     from streamcqsa.cqs.budget import Budget, choose
 
+    dev = Device.of(device)
     dev_mem = guard.get("budget_bytes")
     if dev_mem is None:
-        dev_mem = (
-            int(torch.cuda.get_device_properties(device).total_memory * 0.8)
-            if device.startswith("cuda")
-            else 1 << 30
-        )
+        dev_mem = dev.plan_bytes()
     host = int(psutil.virtual_memory().available * 0.5)
     est = choose(
         seq_len=p.seq_len,
@@ -42,8 +40,7 @@ def auto_plan(
         kv_heads=p.kv_heads,
         head_dim=p.head_dim,
         budget=Budget(dev_mem, host),
-        # CPU kernels compute half types in fp32: size the tasks for that
-        dtype=p.dtype if device.startswith("cuda") else "float32",
+        dtype=compute_dtype_name(dev.type, p.dtype),
         store_dtype=p.dtype,
         is_causal=p.is_causal,
         batch=p.batch,
@@ -67,22 +64,15 @@ def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> 
     return best
 
 
+def unit_device(device: str, kind: str) -> Device:
+    """Where a pass's units live: a forward's on the pass's device, a
+    backward's on the host (its kernels still run on the device)."""
+    return Device.of(device) if kind == FWD else Device.of("cpu")
+
+
 def default_task_bytes(device: str, n_cap: int, kind: str) -> int:
-    """Memory one unit may take: 256 MiB of host memory, or on a GPU (forward,
-    where a unit lives on the device) 40% of what this process may still
-    allocate there, per resident unit."""
-    if device.startswith("cuda") and kind == FWD:
-        dev = torch.device(device)
-        if dev.index is None:  # the memory queries below need an index
-            dev = torch.device("cuda", torch.cuda.current_device())
-        allowed = torch.cuda.get_device_properties(dev).total_memory
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-        if fraction is not None:  # a cap set by set_per_process_memory_fraction
-            allowed = int(allowed * fraction(dev))
-        used = torch.cuda.memory_allocated(dev)  # the caller's own tensors stay
-        free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - used
-        return int(0.4 * max(0, min(allowed - used, free)) / max(1, n_cap))
-    return 256 << 20
+    """Memory one unit may take (``Device.unit_bytes`` where it lives)."""
+    return unit_device(device, kind).unit_bytes(n_cap)
 
 
 def choose_units(
@@ -146,7 +136,7 @@ def layout(
     ):
         raise ValueError(f"head_group {head_group} must divide kv_heads {problem.kv_heads}")
     if unit_depth == "auto":
-        on_gpu = device.startswith("cuda") and kind == FWD  # forward units live there
+        on_gpu = unit_device(device, kind).is_cuda
         itemsize = torch.empty((), dtype=torch_dtype(problem.dtype)).element_size()
         unit_depth, head_group = choose_units(
             plan, problem, head_group, task_bytes, kind, itemsize if on_gpu else None
@@ -166,6 +156,7 @@ __all__ = [
     "choose_head_group",
     "choose_units",
     "default_task_bytes",
+    "unit_device",
     "layout",
     "resume_units",
 ]

@@ -15,6 +15,7 @@ import torch
 import zarr
 
 from streamcqsa.kernels import threads
+from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.runner import WorkCounter
 from streamcqsa.pipeline.runtime import Runtime, StageTimes
 from streamcqsa.storage.runarrays import RunArrays
@@ -38,10 +39,12 @@ class Context:
     keep_partials: bool = False  # also store each unit's partial, for inspection
     _arrays: RunArrays | None = field(default=None, repr=False, compare=False)
     _runtime: Runtime | None = field(default=None, repr=False, compare=False)
+    _dev: Device | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_arrays"] = state["_runtime"] = None  # rebuilt in the receiving process
+        # rebuilt in the receiving process
+        state["_arrays"] = state["_runtime"] = state["_dev"] = None
         return state
 
     def __dask_tokenize__(self) -> str:
@@ -82,12 +85,15 @@ class Context:
         return self.runtime.counter
 
     @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
+    def dev(self) -> Device:
+        """The pass's device: every CPU/GPU difference asks it."""
+        if self._dev is None:
+            self._dev = Device.of(self.device)
+        return self._dev
 
     @property
-    def on_cuda(self) -> bool:
-        return self.device.startswith("cuda")
+    def torch_device(self) -> torch.device:
+        return self.dev.device
 
     def compute_threads(self) -> int:
         """Torch threads per compute slot: the cores shared by n_cap slots."""

@@ -69,7 +69,7 @@ def execute(
     desc: str,
 ) -> None:
     dsk, finals = graph["dsk"], graph["finals"]
-    resources = {"GPU": 1} if ctx.on_cuda else None
+    resources = ctx.dev.dask_resources
     if scheduler is not None and hasattr(scheduler, "get"):  # a distributed Client
         _check_resources(scheduler, resources)
         scheduler.get(dsk, finals, resources=resources)

@@ -52,7 +52,7 @@ def run_piece(ctx: Context, unit: Unit, j: int, part: tuple[torch.Tensor, ...], 
     i = piece.unit
     acc = ctx.arrays.acc
     rule = fold_forward if ctx.kind == FWD else fold_backward
-    dev = ctx.torch_device if ctx.on_cuda else None
+    where = ctx.dev.fold_device
     wrote = 0
     for c in fold.chunks_of_piece(piece):
         if ctx.arrays.is_done(Unit("final", unit.b, unit.g, (), c)):
@@ -63,9 +63,7 @@ def run_piece(ctx: Context, unit: Unit, j: int, part: tuple[torch.Tensor, ...], 
         data = _chunk(ctx, acc, unit, c, i)
         if Accumulator.counter(data) >= i:
             continue  # folded before an interruption
-        t = torch.from_numpy(data)
-        if dev is not None:
-            t = t.to(dev)
+        t = torch.from_numpy(data).to(where)  # the same memory on the host
         views = acc.views(t)
         base = c * lay.chunk
         for a, n, off in fold.chunk_runs(i, c):
@@ -75,8 +73,7 @@ def run_piece(ctx: Context, unit: Unit, j: int, part: tuple[torch.Tensor, ...], 
                 tuple(v[:, :, rows] for v in views),
                 tuple(x[:, :, local].to(t.device) for x in part),
             )
-        if dev is not None:
-            data = t.cpu().numpy()
+        data = t.cpu().numpy()  # a view of ``data`` itself on the host
         Accumulator.set_counter(data, i)
         acc.write(unit.b, unit.g, c, data)
         wrote += 1

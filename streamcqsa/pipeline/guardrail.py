@@ -4,8 +4,10 @@ On out-of-memory the task is evicted and requeued and ``n_cap`` drops by one.
 At ``n_cap == 1`` a task that still does not fit divides itself: its blocks go
 to the device one at a time (only that block's rows and keys resident), with
 the same kernel calls merged in the same order, so the partial it writes is
-bit-identical to the undivided task's. On CPU the same logic runs against a
-configurable memory budget, and tests can inject out-of-memory.
+bit-identical to the undivided task's. Out-of-memory is what the device
+says it is (``Device.is_oom``): on CUDA the allocator's error, on CPU a
+failed host allocation; on either, a task over the configured memory budget,
+or an out-of-memory a test injects.
 """
 
 from __future__ import annotations
@@ -15,15 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from streamcqsa.cqs.blocks import BlockList
 from streamcqsa.cqs.footprint import leaf_device_bytes
 from streamcqsa.errors import DeviceOOM
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, DeviceOOM) or isinstance(e, torch.cuda.OutOfMemoryError)
+from streamcqsa.kernels.device import Device
 
 
 def task_bytes(blocks: BlockList, heads: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
@@ -44,10 +41,11 @@ def block_bytes(blocks: BlockList, heads: int, kv_heads: int, head_dim: int, ite
     return worst
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Guardrail:
     """Shared by the tasks of one process and device."""
 
+    device: Device  # whose out-of-memory it catches, whose cache it empties
     n_cap: int = 2
     budget_bytes: int | None = None  # CPU: the memory budget to enforce
     inject: Callable[[str, int], bool] | None = None  # (task, n_cap) -> raise OOM?
@@ -81,14 +79,13 @@ class Guardrail:
                 finally:
                     self._release(nbytes)
             except BaseException as e:
-                if not is_oom(e):
+                if not self.device.is_oom(e):
                     raise
             finally:
                 with self._cond:
                     self._resident -= 1
                     self._cond.notify_all()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self.device.empty_cache()
             with self._cond:  # evicted: requeue with one task fewer resident
                 if self.n_cap > 1:
                     self.n_cap -= 1

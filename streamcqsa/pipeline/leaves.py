@@ -14,6 +14,7 @@ import torch
 
 from streamcqsa.cqs.plan import Node
 from streamcqsa.kernels.backend import get_backend
+from streamcqsa.kernels.device import Timer
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
 from streamcqsa.kernels.workspace import Workspace
@@ -34,15 +35,14 @@ class Leaves:
         self.size = torch.empty((), dtype=dt).element_size()
         self.compute = 0.0  # inside kernels (and their transfers)
         self.guarded = 0.0  # the same plus waiting for a device slot
-        self._events: list[tuple[Any, Any]] = []  # on-device leaves: kernel spans
+        self._spans: list[Timer] = []  # on-device leaves: kernel spans
 
     def device_seconds(self) -> float | None:
         """Device time of the on-device leaves' kernels (async: host timers
-        would only see the launches); None when leaves ran synchronously."""
-        if not self._events:
+        would only see the launches); None when leaves ran on the host."""
+        if not self._spans:
             return None
-        self._events[-1][1].synchronize()
-        return sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+        return sum(span.seconds for span in self._spans)
 
     def _guarded(self, leaf: Node, fn: Any, tensors: tuple[torch.Tensor, ...]) -> Any:
         lay = self.ctx.layout
@@ -53,16 +53,13 @@ class Leaves:
 
         def timed(f: Any) -> Any:
             t = time.perf_counter()
-            span = None
-            if self.on_device:
-                span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                span[0].record(torch.cuda.current_stream(self.dev))
             try:
-                return f()
+                if not self.on_device:
+                    return f()
+                with self.ctx.dev.timer() as span:  # the kernels' device time
+                    self._spans.append(span)
+                    return f()
             finally:
-                if span is not None:
-                    span[1].record(torch.cuda.current_stream(self.dev))
-                    self._events.append(span)
                 self.compute += time.perf_counter() - t
 
         def run_whole() -> Any:

@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 
 from streamcqsa.errors import DiskFullError, InputsChangedError, PlanMismatchError
+from streamcqsa.kernels.device import Device
 from streamcqsa.pipeline import choose
 from streamcqsa.pipeline.args import check_writable, is_distributed, resolve_device, same_dout
 from streamcqsa.pipeline.context import Context
@@ -108,9 +109,10 @@ class Pass:
     def run(self) -> RunStats:
         t0 = time.perf_counter()
         self.a["device"] = resolve_device(self.a["device"])
+        dev = Device.of(self.a["device"])
         if self.guard.get("n_cap") is None:
-            self.guard["n_cap"] = 2 if self.a["device"].startswith("cuda") else 1
-        Guardrail(n_cap=self.guard["n_cap"])  # validates n_cap before any work
+            self.guard["n_cap"] = dev.default_n_cap
+        Guardrail(device=dev, n_cap=self.guard["n_cap"])  # validates n_cap before any work
         group, problem, meta = open_group(self.path)
         check_writable(self.path)
         layout = self._layout(problem, meta)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from streamcqsa.cqs.divide import Node, Plan
+from streamcqsa.kernels.device import Device
 from streamcqsa.storage import chunkio
 from streamcqsa.storage.layout import stored_dtype, to_torch, torch_dtype
 
@@ -199,8 +200,8 @@ class ReadAhead:
                     self._error = RuntimeError("the unit was cancelled")
                 self._cond.notify_all()
         self._thread.join()
-        if self._copy is not None and self._copy.cuda:
-            self._copy.stream.synchronize()  # no copy may outlive the buffers
+        if self._copy is not None:
+            self._copy.synchronize()
         if self._error is not None and not failed:
             raise self._error
 
@@ -227,78 +228,64 @@ class DeviceCopy:
     """Host-to-device copies on a stream of their own, through reused pinned
     slots (a ring of ``WINDOW + 1`` per source), each copy ordered by an event.
 
-    On a CPU device the same calls copy synchronously (no streams, no
-    pinning): the same bookkeeping, testable without a GPU.
+    Written against ``Device``'s streams and events only: on a CPU device the
+    same calls copy synchronously (no streams, no pinning), so the same
+    bookkeeping runs, and is tested, without a GPU.
     """
 
     def __init__(self, device: torch.device, dtype_name: str, per_source: int) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.dev = Device.of(device)
+        self.device = self.dev.device
+        self.stream = self.dev.stream()
         self._dtype = torch_dtype(dtype_name)
         self._np = np.dtype(stored_dtype(dtype_name))
         self._rings: list[list[_Slot]] = [[] for _ in range(per_source)]
         self._turn = [0] * per_source
         self._marks: dict[int, Any] = {}
-        self._timing: list[tuple[Any, Any]] = []
         self._start: Any = None
 
     def adopt(self, tensors: Sequence[torch.Tensor]) -> None:
         """Device buffers allocated on the caller's stream become safe to fill
-        on the copy stream: it first waits for work queued before they were
-        handed out (their memory may have been freed by such work), and the
-        allocator learns they are in use there."""
-        if not self.cuda:
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        for t in tensors:
-            t.record_stream(self.stream)
+        on the copy stream (``Device.adopt``)."""
+        self.dev.adopt(self.stream, tensors)
 
     def slot(self, source: int, shape: tuple[int, ...]) -> _Staged:
-        """A free pinned buffer for one piece of one source."""
+        """A free staging buffer (pinned on CUDA) for one piece of one source."""
         nbytes = int(np.prod(shape)) * self._np.itemsize
         ring = self._rings[source]
         if len(ring) < WINDOW + 1:  # a slot is reused only after its piece was sent
-            ring.append(_Slot(nbytes, self.cuda))
+            ring.append(_Slot(nbytes, self.dev.pins_host))
         i = self._turn[source] = (self._turn[source] + 1) % len(ring)
         slot = ring[i]
         if slot.event is not None:
             slot.event.synchronize()  # its previous copy has left it
         if slot.raw.numel() < nbytes:
-            slot = ring[i] = _Slot(nbytes, self.cuda)
+            slot = ring[i] = _Slot(nbytes, self.dev.pins_host)
         return slot.view(shape, self._dtype, self._np)
 
     def send(self, source: int, host: _Staged, dst: torch.Tensor) -> None:
-        if not self.cuda:
-            dst.copy_(host.tensor)
-            return
-        with torch.cuda.stream(self.stream):
+        with self.dev.using(self.stream):
             if self._start is None:
-                self._start = torch.cuda.Event(enable_timing=True, blocking=True)
-                self._start.record(self.stream)
-            dst.copy_(host.tensor, non_blocking=True)
-            host.slot.event = torch.cuda.Event(blocking=True)  # waited on by the host
-            host.slot.event.record(self.stream)
+                self._start = self.dev.record(self.stream, timing=True)
+            dst.copy_(host.tensor, non_blocking=True)  # synchronous on CPU
+            host.slot.event = self.dev.record(self.stream)  # waited on by the host
 
     def mark(self, piece: int) -> None:
         """Record that ``piece`` is fully sent (all sources)."""
-        if not self.cuda:
-            self._marks[piece] = None
-            return
-        ev = torch.cuda.Event(enable_timing=True, blocking=True)
-        ev.record(self.stream)
-        self._marks[piece] = ev
+        self._marks[piece] = self.dev.record(self.stream, timing=True)
 
     def wait(self, piece: int) -> None:
         """The compute stream waits (on the device) for ``piece`` and all before it."""
-        ev = self._marks[piece]
-        if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
+        self.dev.wait(self._marks[piece])
+
+    def synchronize(self) -> None:
+        """Return once every copy queued has run (no copy may outlive the buffers)."""
+        self.dev.record(self.stream).synchronize()
 
     def elapsed(self) -> float:
         """Span of the copy stream, first copy to last (gaps waiting for reads
         included)."""
-        if not self.cuda or self._start is None or not self._marks:
+        if self._start is None or not self._marks:
             return 0.0
         last = list(self._marks.values())[-1]
         last.synchronize()

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.runner import WorkCounter
 from streamcqsa.pipeline.guardrail import Guardrail
 from streamcqsa.pipeline.worker import Cancelled, device_pool
@@ -58,7 +59,9 @@ class Runtime:
     ) -> None:
         self.device = device
         self.distributed = distributed
-        self.guardrail = Guardrail(n_cap=n_cap, budget_bytes=budget_bytes, inject=inject_oom)
+        self.guardrail = Guardrail(
+            n_cap=n_cap, device=Device.of(device), budget_bytes=budget_bytes, inject=inject_oom
+        )
         self.device_units = threading.BoundedSemaphore(max(1, n_cap))  # units holding device memory
         self.stages = StageTimes()
         self.counter = WorkCounter()

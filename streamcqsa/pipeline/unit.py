@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from streamcqsa.kernels.backend import get_backend
+from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.kernels.workspace import Workspace
 from streamcqsa.pipeline.context import Context
@@ -38,21 +39,10 @@ Partial = tuple[torch.Tensor, ...]
 def overlaps_io(ctx: Context) -> bool:
     """Whether a unit reads ahead and writes back on threads of its own.
 
-    Only where those threads do not take cores from the compute: on a GPU,
-    or when the compute slots leave a core free. On a CPU whose cores all
-    compute, reads and writes from the page cache are memcpy work that would
-    slow the kernels more than the overlap saves.
-    """
+    ``Device.overlaps_io`` decides, unless the pass says."""
     if ctx.overlap_io is not None:
         return ctx.overlap_io
-    if ctx.on_cuda:
-        return True
-    return (os.cpu_count() or 1) > ctx.compute_threads() * max(1, ctx.n_cap)
-
-
-def _io_thread(ctx: Context) -> None:
-    if not ctx.on_cuda and torch.get_num_threads() != 1:
-        torch.set_num_threads(1)  # per thread under OpenMP: the slots keep their own
+    return ctx.dev.overlaps_io(ctx.compute_threads() * max(1, ctx.n_cap), os.cpu_count() or 1)
 
 
 def run_direct(ctx: Context, unit: Unit, *_deps: Any) -> int:
@@ -61,7 +51,7 @@ def run_direct(ctx: Context, unit: Unit, *_deps: Any) -> int:
     arrays = ctx.arrays
     if arrays.is_done(unit):
         return 0
-    _io_thread(ctx)
+    ctx.dev.enter_io_thread()
     if ctx.kind == FWD:
         _forward(ctx, unit, direct=True)
     else:
@@ -72,7 +62,7 @@ def run_direct(ctx: Context, unit: Unit, *_deps: Any) -> int:
 
 def run_compute(ctx: Context, unit: Unit, *_deps: Any) -> Partial:
     """A unit's partial (CPU, fp32) for the fold; kept in the store if asked."""
-    _io_thread(ctx)
+    ctx.dev.enter_io_thread()
     part = _forward(ctx, unit, direct=False) if ctx.kind == FWD else _backward(ctx, unit)
     if ctx.keep_partials:
         t = time.perf_counter()
@@ -84,9 +74,8 @@ def run_compute(ctx: Context, unit: Unit, *_deps: Any) -> Partial:
 
 def _forward(ctx: Context, unit: Unit, *, direct: bool) -> Partial | None:
     node = ctx.layout.plan.by_path[unit.node]
-    # on a GPU a unit's folds run on the device, as the engine's do (exp and
-    # log round differently there); at most n_cap units hold device buffers
-    if ctx.on_cuda and not node.is_leaf:
+    # at most n_cap units hold device buffers
+    if ctx.dev.folds_on_device and not node.is_leaf:
         with ctx.runtime.device_units:
             return _forward_unit(ctx, unit, direct=direct, on_device=True)
     return _forward_unit(ctx, unit, direct=direct, on_device=False)
@@ -104,6 +93,7 @@ def _forward_unit(ctx: Context, unit: Unit, *, direct: bool, on_device: bool) ->
     reader = writer = None
     d2h = [0.0]
     final = torch_dtype(p.dtype) if on_device else None
+    unit_dev = ctx.dev if on_device else Device.of("cpu")  # where its rows are computed
 
     def write(a: int, z: int, out: torch.Tensor, lse: torch.Tensor) -> None:
         t = time.perf_counter()
@@ -131,7 +121,7 @@ def _forward_unit(ctx: Context, unit: Unit, *, direct: bool, on_device: bool) ->
             )
             qkv = reader.tensors
             if direct:
-                writer = ChunkWriter(write, node.length, lay.chunk)
+                writer = ChunkWriter(write, node.length, lay.chunk, unit_dev)
         else:
             alloc = None if on_device else functools.partial(ws.empty, device="cpu")
             qkv = tuple(

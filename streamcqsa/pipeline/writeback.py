@@ -13,9 +13,12 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from streamcqsa.kernels.device import Device
 
 Write = Callable[[int, int, Tensor, Tensor], None]  # (a, z, out, lse): rows [a, z)
 
@@ -24,14 +27,15 @@ class ChunkWriter:
     """Collects final row ranges from the compute thread; writes each store
     chunk [jC, (j+1)C) of the node once all its rows are final."""
 
-    def __init__(self, write: Write, length: int, chunk: int) -> None:
+    def __init__(self, write: Write, length: int, chunk: int, device: Device) -> None:
         self._write = write
+        self._dev = device  # where the rows are computed
         self._length, self._chunk = length, chunk
         self._left = [min(chunk, length - j * chunk) for j in range(-(-length // chunk))]
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._tensors: tuple[Tensor, Tensor] | None = None
-        self._stream: torch.cuda.Stream | None = None
+        self._stream: Any = None  # the writes' stream (None: the device queues nothing)
         self._thread = threading.Thread(target=self._loop, name="streamcqsa-writeback", daemon=True)
         self._thread.start()
 
@@ -40,10 +44,7 @@ class ChunkWriter:
         on a GPU, once the kernels queued so far have run)."""
         if self._error is not None:  # stop the compute early: its result cannot be stored
             raise self._error
-        done = None
-        if out.is_cuda:
-            done = torch.cuda.Event(blocking=True)  # the writer waits without spinning
-            done.record(torch.cuda.current_stream(out.device))
+        done = self._dev.record()  # the rows' kernels queued so far
         self._jobs.put((a, z, out, lse, done))
 
     def _loop(self) -> None:
@@ -54,19 +55,15 @@ class ChunkWriter:
             a, z, out, lse, done = job
             self._tensors = (out, lse)
             try:
-                if done is not None:
-                    done.synchronize()
-                    if self._stream is None:  # copies off the compute's stream
-                        self._stream = torch.cuda.Stream(out.device)
+                done.synchronize()  # the writer sleeps until they have run
+                if self._stream is None:  # copies off the compute's stream
+                    self._stream = self._dev.stream()
                 for j in range(a // self._chunk, -(-z // self._chunk)):
                     lo, hi = j * self._chunk, min((j + 1) * self._chunk, self._length)
                     self._left[j] -= min(z, hi) - max(a, lo)
                     if self._left[j] == 0:
-                        if self._stream is None:
+                        with self._dev.using(self._stream):
                             self._write(lo, hi, out, lse)
-                        else:
-                            with torch.cuda.stream(self._stream):
-                                self._write(lo, hi, out, lse)
             except BaseException as e:  # noqa: BLE001 - re-raised by finish()
                 self._error = e
             job = None

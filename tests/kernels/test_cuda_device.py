@@ -108,16 +108,12 @@ def test_cpu_timer_and_stream(monkeypatch):
         with pytest.raises(RuntimeError, match="not ended"):
             t.seconds  # noqa: B018
     assert t.seconds == 2.5
-    ctx = Device.of("cpu").side_stream()
-    assert ctx.stream is None
-    with ctx:
-        pass
 
 
 def test_cuda_timer_and_stream(monkeypatch, fake_cuda):
     class Event:
-        def __init__(self, enable_timing=False):  # noqa: ANN001
-            assert enable_timing
+        def __init__(self, enable_timing=False, blocking=False):  # noqa: ANN001
+            assert enable_timing and blocking  # a host reading the figure sleeps
             self.on = None
 
         def record(self, stream):  # noqa: ANN001
@@ -136,6 +132,80 @@ def test_cuda_timer_and_stream(monkeypatch, fake_cuda):
     assert t.seconds == 1.5
     assert fake_cuda.calls == [("wait", "stream of cuda:1")]  # waits on that stream alone
 
-    monkeypatch.setattr(torch.cuda, "Stream", lambda dev: ("new stream", dev))
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: SimpleNamespace(stream=s))
-    assert Device.of("cuda").side_stream().stream == ("new stream", torch.device("cuda", 2))
+
+def test_cpu_streams_and_events_queue_nothing(monkeypatch):
+    """On CPU the stream calls that order copies on a GPU do nothing, and an
+    event is complete once recorded (its host time makes spans readable)."""
+    cpu = Device.of("cpu")
+    assert cpu.stream() is None and not cpu.pins_host
+    clock = iter([1.0, 1.25])
+    monkeypatch.setattr(device_mod.time, "perf_counter", lambda: next(clock))
+    a, b = cpu.record(), cpu.record(None, timing=True)
+    a.synchronize()
+    assert a.query() and a.elapsed_time(b) == 250.0
+    cpu.wait(a)
+    cpu.adopt(None, [torch.zeros(1)])
+    with cpu.using(None):
+        pass
+
+
+def test_cuda_events_order_streams(monkeypatch, fake_cuda):
+    """record/wait/using/adopt make the CUDA calls the read-ahead and the
+    write-back relied on: blocking events on the named (else current) stream,
+    the current stream waiting on the device, a fresh stream per ``stream()``."""
+
+    class Event:
+        def __init__(self, enable_timing=False, blocking=False):  # noqa: ANN001
+            self.timing, self.blocking, self.on = enable_timing, blocking, None
+
+        def record(self, stream):  # noqa: ANN001
+            self.on = stream
+
+    class Stream:
+        def __init__(self, dev):  # noqa: ANN001
+            self.dev = dev
+
+        def wait_event(self, ev):  # noqa: ANN001
+            fake_cuda.calls.append(("wait_event", self, ev.on))
+
+        def wait_stream(self, other):  # noqa: ANN001
+            fake_cuda.calls.append(("wait_stream", self, other))
+
+    current = Stream("current")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: ("on", s))
+    cuda = Device.of("cuda:1")
+    side = cuda.stream()
+    assert side.dev == torch.device("cuda", 1) and cuda.stream() is not side and cuda.pins_host
+    ev = cuda.record(side, timing=True)
+    assert (ev.on, ev.timing, ev.blocking) == (side, True, True)
+    assert cuda.record().on is current
+    cuda.wait(ev)
+    assert fake_cuda.calls == [("wait_event", current, side)]
+    assert cuda.using(side) == ("on", side)
+
+    class Buffer:
+        def record_stream(self, s):  # noqa: ANN001
+            fake_cuda.calls.append(("in use on", s))
+
+    fake_cuda.calls.clear()
+    cuda.adopt(side, [Buffer()])
+    assert fake_cuda.calls == [("wait_stream", side, current), ("in use on", side)]
+
+
+def test_rules_by_device_type(monkeypatch, fake_cuda):
+    cpu, cuda = Device.of("cpu"), Device.of("cuda")
+    assert (cpu.default_n_cap, cuda.default_n_cap) == (1, 2)
+    assert device_mod.default_n_cap("cuda") == 2
+    assert device_mod.compute_dtype_name("cpu", "bfloat16") == "float32"
+    assert device_mod.compute_dtype_name("cuda", "bfloat16") == "bfloat16"
+    assert device_mod.compute_dtype_name("cpu", "float64") == "float64"
+    assert cpu.fold_device == torch.device("cpu") and cuda.fold_device == cuda.device
+    assert cuda.overlaps_io(compute_cores=16, cores=16)
+    assert not cpu.overlaps_io(compute_cores=2, cores=2) and cpu.overlaps_io(1, 2)
+    assert cpu.dask_resources is None and cuda.dask_resources == {"GPU": 1}
+    assert cpu.unit_bytes(2) == device_mod.HOST_UNIT_BYTES
+    assert cpu.plan_bytes() == device_mod.HOST_TASK_BYTES
+    assert cpu.peak_bytes() is None

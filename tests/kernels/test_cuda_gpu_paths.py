@@ -111,11 +111,14 @@ def test_device_on_cuda():
     with dev.timer() as t:
         x @ x  # noqa: B018
     assert t.seconds > 0
-    ctx = dev.side_stream()
-    with ctx:
+    side = dev.stream()
+    dev.adopt(side, [x])
+    with dev.using(side):
         y = x * 2
-    torch.cuda.current_stream(dev.device).wait_stream(ctx.stream)
+    dev.wait(dev.record(side))  # the current stream waits for ``y`` on the device
+    z = y + 1
     dev.synchronize()
+    assert torch.equal(z, x * 2 + 1)
     assert torch.equal(y, x * 2)
     try:
         torch.empty(1 << 50, dtype=torch.uint8, device=dev.device)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
+from streamcqsa.kernels.device import Device
 from streamcqsa.pipeline import run, run_backward
 from streamcqsa.pipeline.guardrail import DeviceOOM, Guardrail
 from streamcqsa.storage import create_random
@@ -94,7 +95,7 @@ def test_budget_too_small_for_one_block_is_a_clear_error(stores, tmp_path):
 
 def test_n_cap_validation():
     with pytest.raises(ValueError, match="n_cap"):
-        Guardrail(n_cap=0)
+        Guardrail(device=Device.of("cpu"), n_cap=0)
 
 
 def test_device_budget_queries_name_a_device_index(monkeypatch):
@@ -120,9 +121,32 @@ def test_device_budget_queries_name_a_device_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", needs_index)
     monkeypatch.setattr(torch.cuda, "get_device_properties", props)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (80 << 30, 80 << 30))
     got = default_task_bytes("cuda", 2, "fwd")
     assert seen == [torch.device("cuda", 0)]
     assert got == int(0.4 * (80 << 30) / 2)
+
+
+def test_host_allocation_failure_is_out_of_memory_on_cpu():
+    """On CPU a failed host allocation is the device's out-of-memory: the task
+    is requeued with one resident fewer, then divided; other errors pass."""
+    g = Guardrail(device=Device.of("cpu"), n_cap=2)
+    tries = []
+
+    def whole():  # noqa: ANN202
+        tries.append(1)
+        raise MemoryError("no room")
+
+    assert g.run("t", (1, whole), (1, lambda: "divided")) == "divided"
+    assert len(tries) == 2
+    assert [e["event"] for e in g.events] == ["oom", "divide"] and g.n_cap == 1
+
+    def broken():  # noqa: ANN202
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        g.run("u", (1, broken), (1, lambda: "divided"))

@@ -8,9 +8,12 @@ import torch
 
 from streamcqsa.attention import cached_plan
 from streamcqsa.kernels import runner
+from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.fold import fold, sum_partials
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.pipeline.writeback import ChunkWriter
+
+CPU = Device.of("cpu")
 
 
 def _leaf(node, q, k, v, fill_empty=True, workspace=None):  # noqa: ANN001, ANN202
@@ -72,7 +75,7 @@ def test_backward_adds_each_child_as_it_finishes_with_the_same_bits(L, itr, caus
 def test_chunk_writer_writes_each_chunk_once_when_complete():
     out, lse = torch.randn(1, 1, 10, 2), torch.randn(1, 1, 10)
     written = []
-    w = ChunkWriter(lambda a, z, o, s: written.append((a, z)), length=10, chunk=4)
+    w = ChunkWriter(lambda a, z, o, s: written.append((a, z)), length=10, chunk=4, device=CPU)
     for a, z in [(6, 10), (0, 3), (3, 6)]:
         w.rows(a, z, out, lse)
     w.finish()
@@ -83,15 +86,15 @@ def test_chunk_writer_reports_errors_and_missing_rows():
     def boom(a, z, o, s):  # noqa: ANN001, ANN202
         raise OSError("disk full")
 
-    w = ChunkWriter(boom, length=4, chunk=4)
+    w = ChunkWriter(boom, length=4, chunk=4, device=CPU)
     w.rows(0, 4, torch.zeros(1, 1, 4, 1), torch.zeros(1, 1, 4))
     with pytest.raises(OSError, match="disk full"):
         w.finish()
-    w = ChunkWriter(lambda *a: None, length=8, chunk=4)
+    w = ChunkWriter(lambda *a: None, length=8, chunk=4, device=CPU)
     w.rows(0, 4, torch.zeros(1, 1, 8, 1), torch.zeros(1, 1, 8))
     with pytest.raises(RuntimeError, match="never reported"):
         w.finish()
-    w = ChunkWriter(boom, length=4, chunk=4)  # a failed compute reports its own error
+    w = ChunkWriter(boom, length=4, chunk=4, device=CPU)  # a failed compute reports its own error
     w.rows(0, 4, torch.zeros(1, 1, 4, 1), torch.zeros(1, 1, 4))
     w.finish(failed=True)
 
@@ -205,7 +208,7 @@ def test_read_ahead_through_staging_slots_fills_the_unit(tmp_path, dtype):
         if leaf.path[:1] == node.path:
             ra.wait(leaf)
     ra.finish()
-    assert ra.h2d_s == 0.0
+    assert 0.0 < ra.h2d_s <= ra.read_s  # first copy to last, inside the reader's time
     for (arr, h), t in zip(srcs, ra.tensors, strict=True):
         full = to_torch(np.asarray(arr[0:1, h]), dtype)
         want = torch.cat([full[:, :, a : a + n] for a, n in node.runs], dim=2)
