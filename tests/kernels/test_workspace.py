@@ -107,6 +107,42 @@ def test_backward_peak_is_summed_fold_rows(pool, monkeypatch, L: int, itr: int) 
     assert ws.peak == plan.summed_fold_rows(plan.root) * row
 
 
+@pytest.mark.parametrize(("L", "itr"), [(1009, 2), (700, 1), (2001, 3)])
+def test_streamed_forward_peak_is_streamed_fold_rows(pool, monkeypatch, L: int, itr: int) -> None:
+    """The streamed forward (a node folds each merge range once its holders
+    are done and frees a child nothing still reads, as device units run),
+    measured: its peak is ``Plan.streamed_fold_rows``, the figure the device
+    unit budget counts; its result is the plain tree's, bit for bit."""
+    from streamcqsa.attention import cached_plan
+    from streamcqsa.kernels import runner
+    from streamcqsa.kernels.tree import forward_tree
+
+    monkeypatch.setattr(workspace, "MIN_BYTES", 1)
+    plan = cached_plan(L, itr, 3, True)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, L, 8, generator=g) for _ in range(3))
+
+    def leaf(node, *xs, fill_empty=True, workspace=None):  # noqa: ANN001, ANN002, ANN202
+        return runner.forward(*xs, node.blocks, fill_empty=fill_empty, workspace=workspace)
+
+    ws = _Counting()
+    final: list[tuple[int, int]] = []
+    out, lse = forward_tree(
+        plan,
+        plan.root,
+        (q, k, v),
+        leaf,
+        torch.float32,
+        on_rows=lambda a, z, *_: final.append((a, z)),
+        workspace=ws,
+    )
+    row = 2 * (8 + 1) * 4  # out and lse: 2 heads x (8 dims + 1) of fp32
+    assert ws.peak == plan.streamed_fold_rows(plan.root) * row
+    assert sum(z - a for a, z in final) == L
+    plain = forward_tree(plan, plan.root, (q, k, v), leaf, torch.float32)
+    assert torch.equal(out, plain[0]) and torch.equal(lse, plain[1])
+
+
 # (B, H, L, D): the large shape's leaves are big enough for every pooled size class
 SMALL = pytest.param((1, 2, 1009, 32), id="small")
 LARGE = pytest.param((1, 4, 2001, 64), id="large", marks=pytest.mark.slow)
