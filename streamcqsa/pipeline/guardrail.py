@@ -12,8 +12,9 @@ or an out-of-memory a test injects.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,35 @@ class Guardrail:
     def __post_init__(self) -> None:
         if isinstance(self.n_cap, bool) or not isinstance(self.n_cap, int) or self.n_cap < 1:
             raise ValueError(f"n_cap must be an int >= 1, got {self.n_cap!r}")
+        self._units = 0  # units holding device memory (``unit``)
+
+    @contextlib.contextmanager
+    def unit(self, name: str) -> Iterator[int]:
+        """Hold one unit's device memory (yields ``n_cap`` as it entered): at
+        most ``n_cap`` units at once, a bound that follows ``n_cap`` down.
+        Out-of-memory inside (read-ahead
+        buffers, folds, gathers: a unit's allocations outside its leaves)
+        lowers ``n_cap`` and is raised again; the caller then retries the
+        unit, or at ``n_cap`` 1 runs it another way."""
+        with self._cond:
+            while self._units >= self.n_cap:
+                self._cond.wait()
+            self._units += 1
+            cap = self.n_cap
+        try:
+            yield cap
+        except BaseException as e:
+            if self.device.is_oom(e):
+                self.device.empty_cache()
+                with self._cond:
+                    if self.n_cap > 1:
+                        self.n_cap -= 1
+                        self.events.append({"task": name, "event": "unit oom", "n_cap": self.n_cap})
+            raise
+        finally:
+            with self._cond:
+                self._units -= 1
+                self._cond.notify_all()
 
     def run(
         self,

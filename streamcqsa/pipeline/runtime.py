@@ -62,7 +62,6 @@ class Runtime:
         self.guardrail = Guardrail(
             n_cap=n_cap, device=Device.of(device), budget_bytes=budget_bytes, inject=inject_oom
         )
-        self.device_units = threading.BoundedSemaphore(max(1, n_cap))  # units holding device memory
         self.stages = StageTimes()
         self.counter = WorkCounter()
         self.progress: Callable[[int], None] | None = None

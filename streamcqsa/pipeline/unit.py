@@ -74,10 +74,22 @@ def run_compute(ctx: Context, unit: Unit, *_deps: Any) -> Partial:
 
 def _forward(ctx: Context, unit: Unit, *, direct: bool) -> Partial | None:
     node = ctx.layout.plan.by_path[unit.node]
-    # at most n_cap units hold device buffers
     if ctx.dev.folds_on_device and not node.is_leaf:
-        with ctx.runtime.device_units:
-            return _forward_unit(ctx, unit, direct=direct, on_device=True)
+        guard = ctx.runtime.guardrail
+        name = f"unit {unit.node}[b{unit.b},g{unit.g}]"
+        while True:  # a retry rewrites the same chunks with the same bits
+            try:
+                with guard.unit(name) as cap:  # at most n_cap units hold device buffers
+                    return _forward_unit(ctx, unit, direct=direct, on_device=True)
+            except BaseException as e:
+                if not ctx.dev.is_oom(e):
+                    raise
+                if cap == 1:
+                    break
+        # alone on the device it still ran out: held on the host, its leaves
+        # go to the device one by one (through the guardrail, divided if need
+        # be); its folds then run on the host and round as the host's do
+        guard.events.append({"task": name, "event": "host unit", "n_cap": guard.n_cap})
     return _forward_unit(ctx, unit, direct=direct, on_device=False)
 
 
