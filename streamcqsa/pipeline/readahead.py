@@ -92,6 +92,7 @@ class ReadAhead:
         dtype_name: str,
         chunk: int,
         device: torch.device | None = None,
+        stream: Any = None,  # the copy stream (default: a new one)
     ) -> None:
         cut = pieces(node, chunk)
         self._order, self._need = schedule(plan, node, cut)
@@ -103,7 +104,7 @@ class ReadAhead:
             self._buffers = [np.empty(shape, dtype=np_dtype) for shape in shapes]
             self.tensors = tuple(to_torch(buf, dtype_name) for buf in self._buffers)
         else:
-            self._copy = DeviceCopy(device, dtype_name, len(shapes))
+            self._copy = DeviceCopy(device, dtype_name, len(shapes), stream)
             self.tensors = tuple(
                 torch.empty(shape, dtype=torch_dtype(dtype_name), device=device) for shape in shapes
             )
@@ -233,10 +234,12 @@ class DeviceCopy:
     bookkeeping runs, and is tested, without a GPU.
     """
 
-    def __init__(self, device: torch.device, dtype_name: str, per_source: int) -> None:
+    def __init__(
+        self, device: torch.device, dtype_name: str, per_source: int, stream: Any = None
+    ) -> None:
         self.dev = Device.of(device)
         self.device = self.dev.device
-        self.stream = self.dev.stream()
+        self.stream = stream if stream is not None else self.dev.stream()
         self._dtype = torch_dtype(dtype_name)
         self._np = np.dtype(stored_dtype(dtype_name))
         self._rings: list[list[_Slot]] = [[] for _ in range(per_source)]

@@ -66,7 +66,18 @@ class Runtime:
         self.counter = WorkCounter()
         self.progress: Callable[[int], None] | None = None
         self._slots: Any = None
+        self._streams: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def stream(self, role: str) -> Any:
+        """The pass's stream for ``role`` ("h2d": read-ahead copies, "d2h":
+        write-back) in this process, made once and shared by its units
+        (copies in one direction take turns on the device anyway); None
+        where the device queues nothing."""
+        with self._lock:
+            if role not in self._streams:
+                self._streams[role] = self.guardrail.device.stream()
+            return self._streams[role]
 
     def attach(self, slots: Any, progress: Callable[[int], None] | None = None) -> None:
         """The driver's compute slots (and progress bar) for the pass's run."""

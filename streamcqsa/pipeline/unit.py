@@ -130,10 +130,17 @@ def _forward_unit(ctx: Context, unit: Unit, *, direct: bool, on_device: bool) ->
                 p.dtype,
                 lay.chunk,
                 device=dev if on_device else None,
+                stream=ctx.runtime.stream("h2d") if on_device else None,
             )
             qkv = reader.tensors
             if direct:
-                writer = ChunkWriter(write, node.length, lay.chunk, unit_dev)
+                writer = ChunkWriter(
+                    write,
+                    node.length,
+                    lay.chunk,
+                    unit_dev,
+                    ctx.runtime.stream("d2h") if on_device else None,
+                )
         else:
             alloc = None if on_device else functools.partial(ws.empty, device="cpu")
             qkv = tuple(

@@ -27,7 +27,9 @@ class ChunkWriter:
     """Collects final row ranges from the compute thread; writes each store
     chunk [jC, (j+1)C) of the node once all its rows are final."""
 
-    def __init__(self, write: Write, length: int, chunk: int, device: Device) -> None:
+    def __init__(
+        self, write: Write, length: int, chunk: int, device: Device, stream: Any = None
+    ) -> None:
         self._write = write
         self._dev = device  # where the rows are computed
         self._length, self._chunk = length, chunk
@@ -35,7 +37,7 @@ class ChunkWriter:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._tensors: tuple[Tensor, Tensor] | None = None
-        self._stream: Any = None  # the writes' stream (None: the device queues nothing)
+        self._stream: Any = stream  # the writes' (None: made on first use, if the device queues)
         self._thread = threading.Thread(target=self._loop, name="streamcqsa-writeback", daemon=True)
         self._thread.start()
 
