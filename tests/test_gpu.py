@@ -67,6 +67,8 @@ def deterministic():
 
 
 def test_cuda_pipeline_equals_engine(tmp_path, deterministic):
+    """Forward and backward units held on the device (the backward's inputs
+    copied there, its gradients summed there): the engine's bits."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 4, 3000, 64, generator=g).half() for _ in range(3))
     create(tmp_path / "s", q, k, v, is_causal=True)
@@ -76,7 +78,8 @@ def test_cuda_pipeline_equals_engine(tmp_path, deterministic):
     got = zarr.open_group(tmp_path / "s", mode="r")["out"][:]
     assert np.array_equal(got, out.detach().cpu().numpy())
     dout = torch.randn(out.shape, generator=g).half()
-    run_backward(tmp_path / "s", dout, device="cuda", progress=False)
+    bstats = run_backward(tmp_path / "s", dout, device="cuda", progress=False)
+    assert bstats["stages"]["h2d"] > 0, bstats["stages"]  # units held on the device
     grads = torch.autograd.grad(out, (qc, kc, vc), dout.cuda())
     grp = zarr.open_group(tmp_path / "s", mode="r")
     for name, gr in zip(("dq", "dk", "dv"), grads, strict=True):

@@ -90,18 +90,32 @@ def unit_device_bytes(
     head_group: int,
     head_dim: int,
     itemsize: int,
+    kind: str = "fwd",
 ) -> int:
-    """Device bytes of a forward unit that lives on a GPU.
+    """Device bytes of a unit that lives on a GPU.
 
-    The node's inputs in the compute dtype, the fp32 partial rows its
-    streamed fold holds at its peak, and one leaf's gathered inputs (at
-    most) and kernel output in the compute dtype.
+    Forward: the node's inputs in the compute dtype, the fp32 partial rows
+    its streamed fold holds at its peak, and one leaf's gathered inputs (at
+    most) and kernel output in the compute dtype. Backward: the node's six
+    inputs (lse in fp32) and one leaf's gathered copies, the fp32 gradient
+    rows its sums hold at their peak (``Plan.summed_fold_rows``), and one
+    leaf's kernel gradients in the compute dtype.
     """
     hq, hk, d = head_group * group_ratio, head_group, head_dim
     leaf = plan.longest_leaf(node)
-    inputs = itemsize * (node.length + leaf) * d * (hq + 2 * hk)
-    partials = 4 * plan.streamed_fold_rows(node) * hq * (d + 1)
-    return inputs + partials + itemsize * leaf * hq * d
+    if kind == "fwd":
+        inputs = itemsize * (node.length + leaf) * d * (hq + 2 * hk)
+        partials = 4 * plan.streamed_fold_rows(node) * hq * (d + 1)
+        return inputs + partials + itemsize * leaf * hq * d
+    if kind == "bwd":
+        per_in = itemsize * d * (3 * hq + 2 * hk) + 4 * hq  # q, k, v, dout, out; lse
+        grad_row = d * (hq + 2 * hk)  # dq, dk, dv
+        return (
+            (node.length + leaf) * per_in
+            + 4 * plan.summed_fold_rows(node) * grad_row
+            + itemsize * leaf * grad_row
+        )
+    raise ValueError(f"kind must be one of {PASSES}, got {kind!r}")
 
 
 def part_row_bytes(heads: int, kv_heads: int, head_dim: int, kind: str) -> int:
@@ -195,7 +209,7 @@ def choose_units(
     def need(n: Node, hg: int) -> int:
         shape = {"group_ratio": group_ratio, "head_group": hg, "head_dim": head_dim}
         if device_itemsize is not None and not n.is_leaf:
-            return unit_device_bytes(plan, n, itemsize=device_itemsize, **shape)
+            return unit_device_bytes(plan, n, itemsize=device_itemsize, kind=kind, **shape)
         return unit_host_bytes(plan, n, kind=kind, **shape)
 
     for depth in range(plan.itr + 1):

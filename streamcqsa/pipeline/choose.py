@@ -18,7 +18,7 @@ from streamcqsa.cqs.divide import divide
 from streamcqsa.cqs.plan import Plan
 from streamcqsa.kernels.device import Device, compute_dtype_name
 from streamcqsa.storage.layout import Problem, torch_dtype
-from streamcqsa.storage.units import FWD, Layout
+from streamcqsa.storage.units import Layout
 
 
 def auto_plan(
@@ -64,15 +64,11 @@ def choose_head_group(problem: Problem, task_tokens: int, budget_bytes: int) -> 
     return best
 
 
-def unit_device(device: str, kind: str) -> Device:
-    """Where a pass's units live: a forward's on the pass's device, a
-    backward's on the host (its kernels still run on the device)."""
-    return Device.of(device) if kind == FWD else Device.of("cpu")
-
-
-def default_task_bytes(device: str, n_cap: int, kind: str) -> int:
-    """Memory one unit may take (``Device.unit_bytes`` where it lives)."""
-    return unit_device(device, kind).unit_bytes(n_cap)
+def default_task_bytes(device: str, n_cap: int) -> int:
+    """Memory one unit may take: units live on the pass's device, forward and
+    backward alike (``Device.unit_bytes``; on a GPU
+    ``cqs.footprint.unit_device_bytes`` sizes them)."""
+    return Device.of(device).unit_bytes(n_cap)
 
 
 def choose_units(
@@ -136,7 +132,7 @@ def layout(
     ):
         raise ValueError(f"head_group {head_group} must divide kv_heads {problem.kv_heads}")
     if unit_depth == "auto":
-        on_gpu = unit_device(device, kind).is_cuda
+        on_gpu = Device.of(device).is_cuda
         itemsize = torch.empty((), dtype=torch_dtype(problem.dtype)).element_size()
         unit_depth, head_group = choose_units(
             plan, problem, head_group, task_bytes, kind, itemsize if on_gpu else None
@@ -156,7 +152,6 @@ __all__ = [
     "choose_head_group",
     "choose_units",
     "default_task_bytes",
-    "unit_device",
     "layout",
     "resume_units",
 ]

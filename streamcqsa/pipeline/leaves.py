@@ -142,7 +142,7 @@ class Leaves:
                 block_device=block_device,
                 workspace=workspace,
             )
-            return tuple(g.cpu() for g in grads)
+            return grads if self.on_device else tuple(g.cpu() for g in grads)
 
         return self._guarded(leaf, fn, xs)
 

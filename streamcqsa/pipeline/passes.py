@@ -96,7 +96,7 @@ class Pass:
             self.guard = guard
         task_bytes = a["task_bytes"]
         if task_bytes is None:
-            task_bytes = choose.default_task_bytes(device, guard["n_cap"], self.kind)
+            task_bytes = choose.default_task_bytes(device, guard["n_cap"])
         unit_depth = a["unit_depth"]
         if unit_depth == "auto" and not a["restart"]:
             unit_depth, head_group = choose.resume_units(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +74,12 @@ def run_compute(ctx: Context, unit: Unit, *_deps: Any) -> Partial:
 
 
 def _forward(ctx: Context, unit: Unit, *, direct: bool) -> Partial | None:
+    return _where_it_fits(ctx, unit, functools.partial(_forward_unit, ctx, unit, direct=direct))
+
+
+def _where_it_fits(ctx: Context, unit: Unit, run: Callable[..., Any]) -> Any:
+    """``run(on_device=...)``: a unit above the leaves is held on the device
+    where its folds run there (``Device.folds_on_device``), else on the host."""
     node = ctx.layout.plan.by_path[unit.node]
     if ctx.dev.folds_on_device and not node.is_leaf:
         guard = ctx.runtime.guardrail
@@ -80,7 +87,7 @@ def _forward(ctx: Context, unit: Unit, *, direct: bool) -> Partial | None:
         while True:  # a retry rewrites the same chunks with the same bits
             try:
                 with guard.unit(name) as cap:  # at most n_cap units hold device buffers
-                    return _forward_unit(ctx, unit, direct=direct, on_device=True)
+                    return run(on_device=True)
             except BaseException as e:
                 if not ctx.dev.is_oom(e):
                     raise
@@ -88,9 +95,9 @@ def _forward(ctx: Context, unit: Unit, *, direct: bool) -> Partial | None:
                     break
         # alone on the device it still ran out: held on the host, its leaves
         # go to the device one by one (through the guardrail, divided if need
-        # be); its folds then run on the host and round as the host's do
+        # be); its forward folds then run on the host and round as the host's do
         guard.events.append({"task": name, "event": "host unit", "n_cap": guard.n_cap})
-    return _forward_unit(ctx, unit, direct=direct, on_device=False)
+    return run(on_device=False)
 
 
 def _forward_unit(ctx: Context, unit: Unit, *, direct: bool, on_device: bool) -> Partial | None:
@@ -205,6 +212,13 @@ def _keep(*_: Any) -> None:
 
 
 def _backward(ctx: Context, unit: Unit) -> Partial:
+    return _where_it_fits(ctx, unit, functools.partial(_backward_unit, ctx, unit))
+
+
+def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
+    """A backward unit: its inputs read whole, then (on the device) copied
+    there once; its gradients summed where it is held, returned on the host.
+    Gradient sums are elementwise adds, so the bits do not depend on where."""
     lay, arrays = ctx.layout, ctx.arrays
     p = lay.problem
     node = lay.plan.by_path[unit.node]
@@ -219,7 +233,13 @@ def _backward(ctx: Context, unit: Unit) -> Partial:
         for n in ("q", "k", "v", "dout", "out", "lse")
     )
     t1 = time.perf_counter()
-    leaves = Leaves(ctx, unit, dt)
+    h2d = d2h = 0.0
+    if on_device:  # a synchronous copy: the host buffers go back to the pool
+        host, xs = xs, tuple(x.to(dev) for x in xs)
+        ws.release(*host)
+        del host
+        h2d = time.perf_counter() - t1
+    leaves = Leaves(ctx, unit, dt, on_device=on_device)
     ts = 0.0
 
     def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -228,10 +248,15 @@ def _backward(ctx: Context, unit: Unit) -> Partial:
         return backward_tree(lay.plan, node, xs, leaves.backward, dt)
 
     grads = ctx.compute(functools.partial(compute, xs))
-    ws.release(*xs)
+    if not on_device:
+        ws.release(*xs)
     del xs
     t2 = time.perf_counter()
-    leaves.add_stages(t1 - t0, ts - t1, t2 - ts, 0.0)
+    if on_device:
+        grads = tuple(g.cpu() for g in grads)  # the fold and the writes read them
+        d2h = time.perf_counter() - t2
+    extra = {"h2d": h2d, "d2h": d2h} if on_device else {}
+    leaves.add_stages(t1 - t0, ts - t1 - h2d, t2 - ts, 0.0, **extra)
     return grads
 
 

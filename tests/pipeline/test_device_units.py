@@ -93,3 +93,27 @@ def test_unit_allocation_oom_lowers_n_cap_then_holds_the_unit_on_the_host(
     assert got == events and stats["guardrail"]["n_cap"] == 1
     report = verify(path)
     assert report["ok"], report
+
+
+@pytest.mark.parametrize(("itr", "unit_depth"), [(2, 0), (3, 1)])
+def test_backward_units_on_the_device_keep_the_bits(stores, tmp_path, monkeypatch, itr, unit_depth):
+    """A backward unit held on the device (inputs copied there once, leaf
+    gradients summed there, the unit's gradients copied back): the bits of a
+    backward held on the host, whose sums are the same elementwise adds."""
+    import torch
+
+    from streamcqsa.pipeline import run_backward
+
+    plain, held = tmp_path / "plain", tmp_path / "held"
+    shutil.copytree(stores / "bfloat16", plain)
+    shutil.copytree(stores / "bfloat16", held)
+    dout = torch.randn(1, 4, 1500, 16, generator=torch.Generator().manual_seed(9)).bfloat16()
+    for path in (plain, held):
+        run(path, itr=itr, progress=False, unit_depth=unit_depth, head_group=1)
+    run_backward(plain, dout, progress=False, unit_depth=unit_depth)
+    monkeypatch.setattr(Device, "folds_on_device", property(lambda self: True))
+    stats = run_backward(held, dout, progress=False, unit_depth=unit_depth)
+    assert stats["stages"]["h2d"] > 0 and "d2h" in stats["stages"], stats["stages"]
+    a, b = zarr.open_group(plain, mode="r"), zarr.open_group(held, mode="r")
+    for name in ("dq", "dk", "dv"):
+        assert np.array_equal(a[name][:], b[name][:]), name

@@ -126,7 +126,7 @@ def test_device_budget_queries_name_a_device_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (80 << 30, 80 << 30))
-    got = default_task_bytes("cuda", 2, "fwd")
+    got = default_task_bytes("cuda", 2)
     assert seen == [torch.device("cuda", 0)]
     assert got == int(0.4 * (80 << 30) / 2)
 
