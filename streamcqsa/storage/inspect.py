@@ -125,7 +125,7 @@ class Run:
         except KeyError:
             done = np.zeros(lay.total_units, dtype=bool)
         out = []
-        top = lay.top
+        top = lay.depth
         units_below: dict[tuple[int, ...], list[Unit]] = {}
         for n in lay.unit_nodes:
             for d in range(n.depth + 1):
@@ -191,11 +191,11 @@ class Run:
                 f"{node.name}: this forward kept no partials; run it with keep_partials=True "
                 "to inspect nodes other than the root"
             )
-        if node.depth > lay.top:
-            unit = lay.plan.by_path[node.path[: lay.top]]
+        if node.depth > lay.depth:
+            unit = lay.plan.by_path[node.path[: lay.depth]]
             raise ValueError(
                 f"{node.name} ran inside unit {unit.name}, whose partial is what was kept "
-                f"(unit_depth={lay.top}); run with unit_depth=None to keep every leaf's"
+                f"(unit_depth={lay.depth}); run with unit_depth=None to keep every leaf's"
             )
         arrays = RunArrays(self.group, lay, FWD)
         g_all = range(lay.groups)

@@ -62,14 +62,14 @@ class Layout:
             raise ValueError(f"unit_depth must be an int >= 0, got {d!r}")
 
     @property
-    def top(self) -> int:
+    def depth(self) -> int:
         """The unit depth, within the plan."""
         itr = self.plan.itr
         return itr if self.unit_depth is None else min(self.unit_depth, itr)
 
     @cached_property
     def unit_nodes(self) -> tuple[Node, ...]:
-        return unit_nodes(self.plan, self.top)
+        return unit_nodes(self.plan, self.depth)
 
     def is_task(self, node: Node) -> bool:
         return node.path in self.task_index
@@ -82,7 +82,7 @@ class Layout:
     @cached_property
     def fold(self) -> FoldPlan:
         per_group = max(64, MAX_PIECES // max(1, self.problem.batch * self.groups))
-        return fold_plan(self.plan, self.top, self.chunk, per_group)
+        return fold_plan(self.plan, self.depth, self.chunk, per_group)
 
     @property
     def direct(self) -> bool:
@@ -199,7 +199,7 @@ class Layout:
             "itr": self.plan.itr,
             "quorums": list(self.plan.quorums),
             "head_group": self.head_group,
-            "unit_depth": self.top,
+            "unit_depth": self.depth,
             "chunk_tokens": self.chunk,
             "tasks": len(self.plan.tasks),
             "units": self.total_units,
