@@ -17,6 +17,7 @@ from torch import Tensor
 from streamcqsa.cqs.divide import Node, Plan, check_quorum, divide
 from streamcqsa.kernels import threads
 from streamcqsa.kernels.backend import Backend, get_backend
+from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.flat import backward_flat, forward_flat
 from streamcqsa.kernels.nonfinite import last_nonfinite, poison_masked_rows
 from streamcqsa.kernels.runner import WorkCounter, accumulator_dtype
@@ -54,8 +55,10 @@ class Engine:
         head_group: int | None = None,
         masked_values: Tensor | None = None,
         fold_depth: int = 0,
+        nonfinite: bool = False,
     ) -> None:
         self.plan = plan
+        self.nonfinite = nonfinite  # inputs may hold NaN/Inf (``Device.nonfinite_dtype``)
         # 0: the whole tree folded in memory; u > 0: units cut at depth u and
         # folded into whole-sequence accumulators, the bits of a store pass
         # with that unit depth (``kernels.flat``)
@@ -93,8 +96,12 @@ class Engine:
         with threads.computing(q.device):
             return self._backward(q, k, v, dout, out, lse)
 
-    def _forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def compute_dtype(self, q: Tensor) -> torch.dtype:
         dt = self.backend.compute_dtype(q.dtype, q.device)
+        return Device.of(q.device).nonfinite_dtype(dt) if self.nonfinite else dt
+
+    def _forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        dt = self.compute_dtype(q)
         units = self.units(q, k)
         if len(units) == 1:
             out, lse = self._forward_node(self.plan.root, q, k, v, dt)
@@ -139,7 +146,7 @@ class Engine:
     def _backward(
         self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, out: Tensor, lse: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        dt = self.backend.compute_dtype(q.dtype, q.device)
+        dt = self.compute_dtype(q)
         units = self.units(q, k)
         if len(units) == 1:
             return self._backward_node(self.plan.root, (q, k, v, dout, out, lse), dt)
@@ -253,7 +260,9 @@ def attention(
             check_finite(name, t.detach())
     plan = cached_plan(n, itr, quorum_key, is_causal)
     masked = last_nonfinite(v.detach()) if allow_nonfinite and is_causal else None
-    engine = Engine(plan, get_backend(backend, q.device), s, head_group, masked)
+    engine = Engine(
+        plan, get_backend(backend, q.device), s, head_group, masked, nonfinite=allow_nonfinite
+    )
     if counter is not None:
         engine.counter = counter
     out, lse = _CQSAttention.apply(q, k, v, engine)

@@ -63,7 +63,8 @@ def unit_host_bytes(
 ) -> int:
     """Host bytes of a task unit that runs ``node``'s subtree in memory.
 
-    Counted in fp32 (CPU kernels compute half types in fp32): the node's
+    Counted in fp32 (an upper bound: CPU kernels compute half types in fp32
+    where the CPU does not multiply them in hardware): the node's
     gathered inputs, the partial rows its fold holds at its peak (gradients
     are added up child by child, ``Plan.summed_fold_rows``), the padded copy
     written out, and one leaf's gathered inputs plus kernel outputs.

@@ -7,8 +7,13 @@ thread), so a "cuda" resolved later, elsewhere, could name another device.
 
 The rules it holds:
 
-- CPU kernels compute the half types in fp32 (as fast as the half kernels
-  there, and more exact); CUDA kernels compute every dtype as stored.
+- CUDA kernels compute every dtype as stored. CPU kernels compute a half
+  type as stored where the CPU multiplies it in hardware (bf16 with AMX
+  tiles, fp16 with AMX-FP16: there torch's CPU flash kernel is several times
+  faster than in fp32, as SDPA itself runs), else in fp32 (there the half
+  kernels are no faster, and fp32 is more exact). Either way the error stays
+  that of SDPA in the stored dtype: scores, softmax sums and lse are fp32 in
+  every kernel, and the partials fold in fp32.
 - float64 runs on the CPU only: torch's fused CUDA attention kernels take
   fp16, bf16 and fp32.
 - Out-of-memory is ``DeviceOOM`` anywhere, ``torch.cuda.OutOfMemoryError``
@@ -44,6 +49,7 @@ The rules it holds:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -66,10 +72,31 @@ def default_n_cap(device_type: str) -> int:
     return 2 if device_type == "cuda" else 1
 
 
+@functools.cache
+def cpu_native_half_types() -> frozenset[str]:
+    """The half types this CPU multiplies in hardware (see the module's rules)."""
+
+    def has(name: str) -> bool:
+        probe = getattr(torch.cpu, name, None)  # private probes: absent in some torch
+        try:
+            return bool(probe()) if probe is not None else False
+        except RuntimeError:
+            return False
+
+    native = set()
+    if has("_is_amx_tile_supported"):
+        native.add("bfloat16")
+    if has("_is_amx_fp16_supported"):
+        native.add("float16")
+    return frozenset(native)
+
+
 def compute_dtype_name(device_type: str, dtype: str) -> str:
     """The dtype (by name) kernels on a device type compute a stored dtype in:
-    the rule of ``Device.compute_dtype``, for a device not present here."""
-    return "float32" if device_type != "cuda" and dtype in _HALF_NAMES else dtype
+    the rule of ``Device.compute_dtype`` (a CPU is this one)."""
+    if device_type == "cuda" or dtype not in _HALF_NAMES:
+        return dtype
+    return dtype if dtype in cpu_native_half_types() else "float32"
 
 
 @dataclass(frozen=True)
@@ -122,6 +149,14 @@ class Device:
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype kernels compute a stored dtype in."""
         return getattr(torch, compute_dtype_name(self.type, str(dtype).removeprefix("torch.")))
+
+    def nonfinite_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The compute dtype for inputs that may hold NaN/Inf: the CPU's
+        hardware half kernels do not spread them as the dense float64 rule
+        does, so there half types are computed in fp32."""
+        if not self.is_cuda and dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return dtype
 
     @property
     def default_n_cap(self) -> int:

@@ -48,10 +48,18 @@ def test_resolves_cpu_and_refuses_the_rest(monkeypatch):
             Device.of(bad)
 
 
-def test_dtype_rules(fake_cuda):
+def test_dtype_rules(fake_cuda, monkeypatch):
+    """Half types: as stored on CUDA, and on a CPU that multiplies them in
+    hardware; else in fp32. Inputs that may hold NaN/Inf: fp32 on a CPU."""
     cpu, cuda = Device.of("cpu"), Device.of("cuda")
     half = (torch.float16, torch.bfloat16)
+    monkeypatch.setattr(device_mod, "cpu_native_half_types", lambda: frozenset())
     assert [cpu.compute_dtype(d) for d in half] == [torch.float32, torch.float32]
+    monkeypatch.setattr(device_mod, "cpu_native_half_types", lambda: frozenset({"bfloat16"}))
+    assert [cpu.compute_dtype(d) for d in half] == [torch.float32, torch.bfloat16]
+    assert cpu.nonfinite_dtype(torch.bfloat16) == torch.float32
+    assert cuda.nonfinite_dtype(torch.bfloat16) == torch.bfloat16
+    monkeypatch.setattr(device_mod, "cpu_native_half_types", lambda: frozenset())
     assert [cuda.compute_dtype(d) for d in half] == list(half)
     for d in (torch.float32, torch.float64):
         assert cpu.compute_dtype(d) == cuda.compute_dtype(d) == d
@@ -199,6 +207,7 @@ def test_rules_by_device_type(monkeypatch, fake_cuda):
     cpu, cuda = Device.of("cpu"), Device.of("cuda")
     assert (cpu.default_n_cap, cuda.default_n_cap) == (1, 2)
     assert device_mod.default_n_cap("cuda") == 2
+    monkeypatch.setattr(device_mod, "cpu_native_half_types", lambda: frozenset())
     assert device_mod.compute_dtype_name("cpu", "bfloat16") == "float32"
     assert device_mod.compute_dtype_name("cuda", "bfloat16") == "bfloat16"
     assert device_mod.compute_dtype_name("cpu", "float64") == "float64"
