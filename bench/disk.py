@@ -131,13 +131,25 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    # rows of other shapes already in the results stay (each states its shape)
+    for r in rows:
+        r.update(heads=a.heads, head_dim=a.head_dim, dtype=a.dtype)
+    old = out / "disk.json"
+    if old.exists():
+        same = {(r["pass"], r["seq_len"]) for r in rows}
+        kept = [
+            r
+            for r in json.loads(old.read_text()).get("rows", [])
+            if (r["pass"], r["seq_len"]) not in same
+        ]
+        rows = sorted(kept + rows, key=lambda r: (r["seq_len"], r["pass"] != "fwd"))
     (out / "disk.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
     lines = [
         "# Peak disk of a store pass",
         "",
         f"B=1, H={a.heads}, D={a.head_dim}, {a.dtype}, causal, itr {a.itr}, library defaults; "
-        f"`partials/` sampled every {a.every} s while the pass ran. Regenerate: "
-        f"`python bench/disk.py --seq-len {a.seq_len}`.",
+        f"`partials/` sampled every {a.every} s while the pass ran. Regenerate a row: "
+        "`python bench/disk.py --seq-len L` (`--quick`: the forward only).",
         "",
         "| pass | L | unit depth | units | s | outputs MiB | peak partials MiB | "
         "peak / outputs | predicted / measured |",
