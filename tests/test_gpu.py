@@ -13,7 +13,7 @@ import torch
 import zarr
 
 import streamcqsa
-from streamcqsa.pipeline import run, run_backward
+from streamcqsa.pipeline import guardrail, run, run_backward
 from streamcqsa.storage import create
 
 pytestmark = pytest.mark.gpu
@@ -143,7 +143,7 @@ def test_cuda_units_on_device_keep_the_bits_and_report_stages(
         ("bfloat16", 320, 1, False),  # padded head dim, units folded flat
     ],
 )
-def test_cuda_pipeline_paths_within_bounds(tmp_path, dtype, head_dim, unit_depth, oom):
+def test_cuda_pipeline_paths_within_bounds(tmp_path, monkeypatch, dtype, head_dim, unit_depth, oom):
     """device="auto" through the store pipeline, forward and backward, on the
     paths the bit test does not take: outputs verified, gradients within
     1.5x of CUDA SDPA's own error against float64."""
@@ -158,7 +158,8 @@ def test_cuda_pipeline_paths_within_bounds(tmp_path, dtype, head_dim, unit_depth
     def inject(task: str, n_cap: int) -> bool:
         return oom and n_cap > 0  # every whole task: the guardrail divides
 
-    stats = run(tmp_path / "s", itr=2, progress=False, unit_depth=unit_depth, inject_oom=inject)
+    monkeypatch.setattr(guardrail, "INJECT_OOM", inject)
+    stats = run(tmp_path / "s", itr=2, progress=False, unit_depth=unit_depth)
     if unit_depth is not None:  # "auto" chose CUDA: units held there
         assert stats["stages"]["h2d"] > 0, stats["stages"]
     if oom:

@@ -35,7 +35,6 @@ def run(
     check_inputs: bool = True,
     n_cap: int | None = None,
     device_memory: int | None = None,
-    inject_oom: Any = None,
     overlap_io: bool | None = None,
 ) -> RunStats:
     """Exact CQS attention over a run store; writes ``out`` and ``lse``.
@@ -47,7 +46,7 @@ def run(
     resident on the device at once (default 1 on CPU, where one unit uses
     every core, and 2 on a GPU); the guardrail lowers it on out-of-memory
     (CUDA OOM, or ``device_memory`` bytes exceeded) and finally runs a task
-    block by block; ``inject_oom(task, n_cap)`` is a test hook.
+    block by block.
 
     Units: the task tree is cut at ``unit_depth``; each node there is one
     unit that runs its subtree in memory (leaf by leaf on the device) and
@@ -81,7 +80,6 @@ def run(
     guard = {
         "n_cap": a["n_cap"],
         "budget_bytes": a["device_memory"],
-        "inject_oom": inject_oom,
         "overlap_io": overlap_io,
     }
     return Pass(store_path, FWD, itr=itr, quorum=quorum, args=a, guard=guard).run()
@@ -103,7 +101,6 @@ def run_backward(
     check_inputs: bool = True,
     n_cap: int | None = None,
     device_memory: int | None = None,
-    inject_oom: Any = None,
 ) -> RunStats:
     """Exact dq, dk, dv into the store, from ``dout`` and the stored forward.
 
@@ -136,7 +133,7 @@ def run_backward(
         )
     plan = fwd["plan"]
     a["head_group"] = plan["head_group"]
-    guard = {"n_cap": a["n_cap"], "budget_bytes": a["device_memory"], "inject_oom": inject_oom}
+    guard = {"n_cap": a["n_cap"], "budget_bytes": a["device_memory"]}
     p = Pass(
         store_path,
         BWD,

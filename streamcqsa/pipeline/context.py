@@ -34,7 +34,6 @@ class Context:
     distributed: bool = False  # steps run in other processes (each with its own runtime)
     n_cap: int = 2  # units resident per device (the guardrail lowers it on OOM)
     budget_bytes: int | None = None  # device memory budget the guardrail enforces
-    inject_oom: Any = None  # test hook: (task name, n_cap) -> bool
     overlap_io: bool | None = None  # read ahead / write back (None: see ``unit.overlaps_io``)
     keep_partials: bool = False  # also store each unit's partial, for inspection
     _arrays: RunArrays | None = field(default=None, repr=False, compare=False)
@@ -71,7 +70,6 @@ class Context:
                 device=self.device,
                 n_cap=self.n_cap,
                 budget_bytes=self.budget_bytes,
-                inject_oom=self.inject_oom,
                 distributed=self.distributed,
             )
         return self._runtime

@@ -42,6 +42,12 @@ def block_bytes(blocks: BlockList, heads: int, kv_heads: int, head_dim: int, ite
     return worst
 
 
+# A test's hook, (task, n_cap) -> raise out-of-memory there?, taken by each
+# guardrail made while it is set (tests set it with monkeypatch); the library
+# never sets it, and it is not part of any public call.
+INJECT_OOM: Callable[[str, int], bool] | None = None
+
+
 @dataclass(kw_only=True)
 class Guardrail:
     """Shared by the tasks of one process and device."""
@@ -49,7 +55,7 @@ class Guardrail:
     device: Device  # whose out-of-memory it catches, whose cache it empties
     n_cap: int = 2
     budget_bytes: int | None = None  # CPU: the memory budget to enforce
-    inject: Callable[[str, int], bool] | None = None  # (task, n_cap) -> raise OOM?
+    inject: Callable[[str, int], bool] | None = None  # default: INJECT_OOM
     events: list[dict] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _resident: int = 0
@@ -59,6 +65,8 @@ class Guardrail:
         if isinstance(self.n_cap, bool) or not isinstance(self.n_cap, int) or self.n_cap < 1:
             raise ValueError(f"n_cap must be an int >= 1, got {self.n_cap!r}")
         self._units = 0  # units holding device memory (``unit``)
+        if self.inject is None:
+            self.inject = INJECT_OOM
 
     @contextlib.contextmanager
     def unit(self, name: str) -> Iterator[int]:

@@ -206,7 +206,6 @@ class Pass:
             distributed=distributed,
             n_cap=self.guard["n_cap"],
             budget_bytes=self.guard.get("budget_bytes"),
-            inject_oom=self.guard.get("inject_oom"),
             overlap_io=self.guard.get("overlap_io"),
             keep_partials=a["keep_partials"],
         )

@@ -54,14 +54,11 @@ class Runtime:
         device: str,
         n_cap: int,
         budget_bytes: int | None = None,
-        inject_oom: Callable[[str, int], bool] | None = None,
         distributed: bool = False,
     ) -> None:
         self.device = device
         self.distributed = distributed
-        self.guardrail = Guardrail(
-            n_cap=n_cap, device=Device.of(device), budget_bytes=budget_bytes, inject=inject_oom
-        )
+        self.guardrail = Guardrail(n_cap=n_cap, device=Device.of(device), budget_bytes=budget_bytes)
         self.stages = StageTimes()
         self.counter = WorkCounter()
         self.progress: Callable[[int], None] | None = None

@@ -23,7 +23,7 @@ import zarr
 import streamcqsa
 from streamcqsa.cli import main
 from streamcqsa.errors import DeviceOOM, StoreError
-from streamcqsa.pipeline import run, run_backward
+from streamcqsa.pipeline import guardrail, run, run_backward
 from streamcqsa.storage import create_random
 from streamcqsa.storage import open as open_run
 from streamcqsa.storage.lock import LOCK_NAME
@@ -167,7 +167,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_status_says_interrupted_when_no_live_run_holds_the_store(tmp_path, capsys):
+def test_status_says_interrupted_when_no_live_run_holds_the_store(tmp_path, capsys, monkeypatch):
     path = _store(tmp_path / "s")
     calls = 0
 
@@ -178,8 +178,9 @@ def test_status_says_interrupted_when_no_live_run_holds_the_store(tmp_path, caps
             raise KeyboardInterrupt
         return False
 
+    monkeypatch.setattr(guardrail, "INJECT_OOM", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        run(path, itr=2, progress=False, unit_depth=None, inject_oom=interrupt)
+        run(path, itr=2, progress=False, unit_depth=None)
     lock = path / LOCK_NAME
     for owner in (None, {"pid": _dead_pid(), "host": os.uname().nodename}):
         if owner is not None:  # a SIGKILLed run leaves its lock file behind
@@ -200,6 +201,7 @@ CHILD = textwrap.dedent(
     import signal, sys
     import streamcqsa.pipeline as pipeline
     from streamcqsa.cli import main
+    from streamcqsa.pipeline import guardrail
 
     original = pipeline.run
 
@@ -214,7 +216,8 @@ CHILD = textwrap.dedent(
                 signal.pause()  # until the parent's SIGINT
             return False
 
-        return original(*args, inject_oom=stall, **kwargs)
+        guardrail.INJECT_OOM = stall
+        return original(*args, **kwargs)
 
     pipeline.run = stalling_run
     sys.exit(main(sys.argv[1:]))

@@ -23,7 +23,7 @@ import torch
 import zarr
 
 from streamcqsa.cli import main
-from streamcqsa.pipeline import run, run_backward
+from streamcqsa.pipeline import guardrail, run, run_backward
 from streamcqsa.storage import create_random
 from streamcqsa.storage import open as open_run
 
@@ -80,10 +80,10 @@ def reference(forward, tmp_path_factory) -> dict[str, np.ndarray]:
 def _interrupted(forward: Path, tmp_path: Path) -> tuple[Path, int]:
     path = tmp_path / "s.zarr"
     shutil.copytree(forward, path)
-    with pytest.raises(Interrupted):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Interrupted):
+        mp.setattr(guardrail, "INJECT_OOM", _stop_after(20))
         run_backward(
             path, _dout(0), progress=False, unit_depth=None, scheduler="sync",
-            inject_oom=_stop_after(20),
         )  # fmt: skip
     done = open_run(path).status()["bwd"]
     assert 0 < done["units_done"] < done["units"]

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from streamcqsa.kernels.device import Device
-from streamcqsa.pipeline import run, run_backward
+from streamcqsa.pipeline import guardrail, run, run_backward
 from streamcqsa.pipeline.guardrail import DeviceOOM, Guardrail
 from streamcqsa.storage import create_random
 
@@ -49,7 +49,7 @@ def _same(a, b):
         assert np.array_equal(ga[n][:], gb[n][:]), n
 
 
-def test_injected_oom_lowers_n_cap_then_divides(stores, tmp_path):
+def test_injected_oom_lowers_n_cap_then_divides(stores, tmp_path, monkeypatch):
     base, ref, dout = stores
     path = tmp_path / "s"
     shutil.copytree(base / "src", path)
@@ -62,13 +62,14 @@ def test_injected_oom_lowers_n_cap_then_divides(stores, tmp_path):
             # the first tasks OOM at every n_cap: first n_cap 3 -> 2 -> 1, then divide
             return task.startswith(("r.0.0[", "r.3.5["))
 
-    fwd = run(path, itr=2, progress=False, head_group=1, n_cap=3, inject_oom=inject)
+    monkeypatch.setattr(guardrail, "INJECT_OOM", inject)
+    fwd = run(path, itr=2, progress=False, head_group=1, n_cap=3)
     events = fwd["guardrail"]["events"]
     assert [e["n_cap"] for e in events if e["event"] == "oom"][:2] == [2, 1]
     assert fwd["guardrail"]["n_cap"] == 1
     divided = {e["task"] for e in events if e["event"] == "divide"}
     assert any(t.startswith("r.0.0[") for t in divided)
-    bwd = run_backward(path, dout, progress=False, n_cap=2, inject_oom=inject)
+    bwd = run_backward(path, dout, progress=False, n_cap=2)
     assert any(e["event"] == "divide" for e in bwd["guardrail"]["events"])
     _same(ref, path)
 

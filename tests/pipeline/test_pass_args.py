@@ -41,7 +41,6 @@ COMMON = [
     ("progress", "yes", TypeError, "progress must be a bool"),
     ("restart", 1, TypeError, "restart must be a bool"),
     ("check_inputs", None, TypeError, "check_inputs must be a bool"),
-    ("inject_oom", 3, TypeError, "inject_oom must be callable"),
 ]
 FORWARD_ONLY = [
     ("itr", -1, ValueError, "itr must be a non-negative int or 'auto'"),

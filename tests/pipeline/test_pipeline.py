@@ -14,7 +14,7 @@ import streamcqsa
 from streamcqsa.attention import Engine, cached_plan
 from streamcqsa.errors import PlanMismatchError
 from streamcqsa.kernels.backend import get_backend
-from streamcqsa.pipeline import run, run_backward, verify
+from streamcqsa.pipeline import guardrail, run, run_backward, verify
 from streamcqsa.storage import StoreError, create, create_random
 from streamcqsa.storage import open as open_run
 from streamcqsa.storage.layout import to_torch
@@ -330,7 +330,7 @@ def test_memory_store_and_dask_input():
     assert verify(store, rows=20)["ok"]
 
 
-def test_ctrl_c_stops_the_pass_and_a_rerun_resumes(tmp_path):
+def test_ctrl_c_stops_the_pass_and_a_rerun_resumes(tmp_path, monkeypatch):
     """A KeyboardInterrupt in the compute (which runs on the calling thread)
     stops the pass at once; queued units give up; the rerun resumes."""
     ref, path = tmp_path / "ref", tmp_path / "s"
@@ -346,8 +346,9 @@ def test_ctrl_c_stops_the_pass_and_a_rerun_resumes(tmp_path):
             raise KeyboardInterrupt
         return False
 
+    monkeypatch.setattr(guardrail, "INJECT_OOM", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        run(path, itr=2, progress=False, unit_depth=None, inject_oom=interrupt)
+        run(path, itr=2, progress=False, unit_depth=None)
     status = open_run(path).status()["fwd"]
     assert 0 < status["units_done"] < status["units"]
     stats = run(path, itr=2, progress=False, unit_depth=None)
