@@ -155,7 +155,7 @@ class PlanCost:
 
 def compute_dtype(dtype: str, device: str) -> str:
     """The dtype kernels on ``device`` (a name; it need not be present here)
-    compute ``dtype`` in: ``kernels.device``'s rule."""
+    compute ``dtype`` in: ``kernels.device``'s rule (for "cpu", this CPU's)."""
     return compute_dtype_name(device.split(":")[0], dtype)
 
 

@@ -1,7 +1,8 @@
 """PyTorch's private attention ops that return lse: the default backend.
 
 CPU: the flash op for CPU (GQA by broadcast, top-left causal). Half types are
-computed in fp32 on CPU (``kernels.device``). Its key tiles are 512 wide, so
+computed as ``kernels.device`` rules (in fp32 unless the CPU multiplies them
+in hardware). Its key tiles are 512 wide, so
 it computes a causal block of under 512 tokens as a full square: triangles
 of between 256 and 768 tokens run as two half triangles and the rectangle
 between them.
@@ -86,12 +87,13 @@ def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):  
     top = op(q[:, :, a], k[:, :, a], v[:, :, a], True, scale)
     below = op(q[:, :, b], k[:, :, a], v[:, :, a], False, scale)
     diag = op(q[:, :, b], k[:, :, b], v[:, :, b], True, scale)
-    out = top[0].new_empty(q.shape)
+    # the lower rows merge in fp32, however the kernel computed them
+    out = top[0].new_empty(q.shape, dtype=torch.promote_types(q.dtype, torch.float32))
     lse = top[1].new_empty(q.shape[:-1])
     out[:, :, a] = top[0]
     lse[:, :, a] = top[1]
     merge_partials([below[:2], diag[:2]], out=(out[:, :, b], lse[:, :, b]))
-    return out, lse
+    return out.to(top[0].dtype), lse
 
 
 def _cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):  # noqa: ANN001, ANN202
@@ -105,10 +107,16 @@ def _cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):  # noqa:
     top = op(*rows_a, k[:, :, a], v[:, :, a], out[:, :, a], lse[:, :, a], 0.0, True, scale=scale)
     below = op(*rows_b, k[:, :, a], v[:, :, a], out[:, :, b], lse[:, :, b], 0.0, False, scale=scale)
     diag = op(*rows_b, k[:, :, b], v[:, :, b], out[:, :, b], lse[:, :, b], 0.0, True, scale=scale)
-    dq = torch.cat([top[0], below[0] + diag[0]], dim=2)
-    dk = torch.cat([top[1] + below[1], diag[1]], dim=2)
-    dv = torch.cat([top[2] + below[2], diag[2]], dim=2)
+    dq = torch.cat([top[0], _add(below[0], diag[0])], dim=2)
+    dk = torch.cat([_add(top[1], below[1]), diag[1]], dim=2)
+    dv = torch.cat([_add(top[2], below[2]), diag[2]], dim=2)
     return dq, dk, dv
+
+
+def _add(x: Tensor, y: Tensor) -> Tensor:
+    """x + y rounded once: in fp32 (or wider) whatever the kernels' dtype."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(wide) + y.to(wide)).to(x.dtype)
 
 
 def _padded_dim(d: int) -> int:

@@ -55,8 +55,9 @@ def run(
     shallowest depth whose units fit ``task_bytes`` of host memory (each
     level deeper folds every token k times more); ``None`` or ``itr`` makes
     every leaf a unit (finest resume). ``task_bytes`` defaults to 256 MiB,
-    and on a GPU to 40% of the device's memory per resident unit: there a
-    forward unit lives on the device and the host holds only staging slots.
+    and on a GPU to 40% of the device's memory per resident unit: there
+    units live on the device (a forward's inputs arrive through staging
+    slots; a backward's are read whole on the host, then copied).
     ``keep_partials=True`` also stores every unit's partial, to inspect
     (``storage.open(path).partial(...)``); that costs k^unit_depth times the
     accumulator's disk.

@@ -15,9 +15,11 @@ import torch
 import zarr
 
 from streamcqsa.kernels import threads
+from streamcqsa.kernels.backend import get_backend
 from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.runner import WorkCounter
 from streamcqsa.pipeline.runtime import Runtime, StageTimes
+from streamcqsa.storage.layout import torch_dtype
 from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.store import open_group
 from streamcqsa.storage.units import Layout
@@ -29,6 +31,7 @@ class Context:
     layout: Layout
     kind: str
     backend: str = "auto"
+    compute_dtype: str = ""  # the pass's (``passes.Pass``): "" = the device's rule here
     device: str = "cpu"
     threads: int | None = None  # torch threads per compute slot (default: cores / n_cap)
     distributed: bool = False  # steps run in other processes (each with its own runtime)
@@ -92,6 +95,16 @@ class Context:
     @property
     def torch_device(self) -> torch.device:
         return self.dev.device
+
+    def kernel_dtype(self) -> torch.dtype:
+        """The dtype the pass's kernels compute in: decided once per pass and
+        kept by a resumed one, so every unit of a pass rounds alike."""
+        if self.compute_dtype:
+            return torch_dtype(self.compute_dtype)
+        p = self.layout.problem
+        return get_backend(self.backend, self.torch_device).compute_dtype(
+            torch_dtype(p.dtype), self.torch_device
+        )
 
     def compute_threads(self) -> int:
         """Torch threads per compute slot: the cores shared by n_cap slots."""

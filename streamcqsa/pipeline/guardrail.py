@@ -84,7 +84,7 @@ class Guardrail:
         try:
             yield cap
         except BaseException as e:
-            if self.device.is_oom(e):
+            if self.device.is_oom(e) and not getattr(e, "final", False):
                 self.device.empty_cache()
                 with self._cond:
                     if self.n_cap > 1:
@@ -142,10 +142,12 @@ class Guardrail:
             try:
                 self._reserve(name, nbytes, 1, divided=True)
             except DeviceOOM as e:
-                raise DeviceOOM(
+                err = DeviceOOM(
                     f"task {name}: even one block ({nbytes} bytes) does not fit the device "
                     "budget; run with a larger itr"
-                ) from e
+                )
+                err.final = True  # no retry can help: ``unit`` and its caller pass it on
+                raise err from e
             try:
                 return fn()
             finally:

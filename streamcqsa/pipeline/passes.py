@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 
 from streamcqsa.errors import DiskFullError, InputsChangedError, PlanMismatchError
+from streamcqsa.kernels.backend import get_backend
 from streamcqsa.kernels.device import Device
 from streamcqsa.pipeline import choose
 from streamcqsa.pipeline.args import check_writable, is_distributed, resolve_device, same_dout
@@ -32,7 +33,7 @@ from streamcqsa.pipeline.execute import execute
 from streamcqsa.pipeline.graph import build_graph
 from streamcqsa.pipeline.guardrail import Guardrail
 from streamcqsa.pipeline.stats import RunStats, disk_needs
-from streamcqsa.storage.layout import INPUTS, Problem
+from streamcqsa.storage.layout import INPUTS, Problem, torch_dtype
 from streamcqsa.storage.lock import StoreLock
 from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.store import ATTR, fingerprint, open_group, update_meta
@@ -165,6 +166,21 @@ class Pass:
             )
         return needs
 
+    def _compute_dtype(self, meta: dict, problem: Problem, reuse: bool) -> str:
+        """The kernels' dtype, once per pass: a resumed pass keeps the one its
+        finished units used (a CPU's rule depends on the CPU), and a store of
+        inputs that may hold NaN/Inf computes as the dense rule asks."""
+        prev = (meta.get(self.kind) or {}).get("compute_dtype")
+        if reuse and prev:
+            return prev
+        dev = Device.of(self.a["device"])
+        dt = get_backend(self.a["backend"], dev.device).compute_dtype(
+            torch_dtype(problem.dtype), dev.device
+        )
+        if meta.get("allow_nonfinite"):
+            dt = dev.nonfinite_dtype(dt)
+        return str(dt).removeprefix("torch.")
+
     # -- the pass, under the store's lock -------------------------------------------
     def _locked(
         self, group: zarr.Group, problem: Problem, meta: dict, layout: Layout, t0: float
@@ -191,6 +207,7 @@ class Pass:
             "plan": layout.describe(),
             "status": "running",
             "keep_partials": a["keep_partials"],
+            "compute_dtype": self._compute_dtype(meta, problem, reuse),
         }
         if kind == FWD:
             entry["fingerprint"] = meta.get("fingerprint")
@@ -201,6 +218,7 @@ class Pass:
             layout=layout,
             kind=kind,
             backend=a["backend"],
+            compute_dtype=entry["compute_dtype"],
             device=a["device"],
             threads=1 if distributed else None,
             distributed=distributed,

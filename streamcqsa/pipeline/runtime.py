@@ -1,8 +1,8 @@
 """What one pass holds while it runs, in each process: slots, guardrail, counts.
 
 A pass's steps share a ``Runtime``: where compute runs (the driver's compute
-slots, or a worker process's device pool), the device guardrail, the gate
-that bounds units resident on a device, stage times and the progress
+slots, or a worker process's device pool), the device guardrail (which
+also bounds the units resident on a device), its streams, stage times and the progress
 callback. It lives on the pass's ``Context`` and is never pickled: a worker
 process that receives the context builds its own, so nothing about a pass
 is kept in module-level registries, and a pass that has ended leaves no

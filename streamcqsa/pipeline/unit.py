@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from streamcqsa.kernels.backend import get_backend
 from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.tree import backward_tree, forward_tree
 from streamcqsa.kernels.workspace import Workspace
@@ -89,7 +88,7 @@ def _where_it_fits(ctx: Context, unit: Unit, run: Callable[..., Any]) -> Any:
                 with guard.unit(name) as cap:  # at most n_cap units hold device buffers
                     return run(on_device=True)
             except BaseException as e:
-                if not ctx.dev.is_oom(e):
+                if not ctx.dev.is_oom(e) or getattr(e, "final", False):
                     raise
                 if cap == 1:
                     break
@@ -105,7 +104,7 @@ def _forward_unit(ctx: Context, unit: Unit, *, direct: bool, on_device: bool) ->
     p = lay.problem
     node = lay.plan.by_path[unit.node]
     dev = ctx.torch_device
-    dt = get_backend(ctx.backend, dev).compute_dtype(torch_dtype(p.dtype), dev)
+    dt = ctx.kernel_dtype()
     t0 = time.perf_counter()
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
     stream = overlaps_io(ctx) and not node.is_leaf
@@ -223,7 +222,7 @@ def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
     p = lay.problem
     node = lay.plan.by_path[unit.node]
     dev = ctx.torch_device
-    dt = get_backend(ctx.backend, dev).compute_dtype(torch_dtype(p.dtype), dev)
+    dt = ctx.kernel_dtype()
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
     t0 = time.perf_counter()
     ws = Workspace()
@@ -236,7 +235,7 @@ def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
     h2d = d2h = 0.0
     if on_device:  # a synchronous copy: the host buffers go back to the pool
         host, xs = xs, tuple(x.to(dev) for x in xs)
-        ws.release(*host)
+        ws.release(*(h for h, x in zip(host, xs, strict=True) if x is not h))
         del host
         h2d = time.perf_counter() - t1
     leaves = Leaves(ctx, unit, dt, on_device=on_device)

@@ -170,6 +170,8 @@ def create(
                 on_block=seen,
             )
         _finish_inputs(group, problem)
+        if allow_nonfinite:  # passes then compute as the dense NaN/Inf rule asks
+            update_meta(group, allow_nonfinite=True)
         if last and problem.is_causal:
             update_meta(group, v_nonfinite_last=last[0].tolist())
     return path
