@@ -32,8 +32,7 @@ The rules it holds:
 - Where the folds of a unit living on the device run (its subtree's folds,
   and its partial's fold into the pass's accumulator): on a GPU, on the GPU,
   since exp and log round differently there and the engine folds there too;
-  on a CPU, on the host. (Backward units live on the host: see
-  ``pipeline.choose.unit_device``.)
+  on a CPU, on the host. Forward and backward units alike.
 - Read-ahead and write-back threads pay off on a GPU (the device computes
   while the host reads); on a CPU only where the compute leaves a core free,
   since their memcpy work would otherwise slow the kernels more than the
@@ -154,9 +153,8 @@ class Device:
         """The compute dtype for inputs that may hold NaN/Inf: the CPU's
         hardware half kernels do not spread them as the dense float64 rule
         does, so there half types are computed in fp32."""
-        if not self.is_cuda and dtype in (torch.float16, torch.bfloat16):
-            return torch.float32
-        return dtype
+        half = str(dtype).removeprefix("torch.") in _HALF_NAMES
+        return torch.float32 if half and not self.is_cuda else dtype
 
     @property
     def default_n_cap(self) -> int:

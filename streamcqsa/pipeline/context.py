@@ -15,7 +15,6 @@ import torch
 import zarr
 
 from streamcqsa.kernels import threads
-from streamcqsa.kernels.backend import get_backend
 from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.runner import WorkCounter
 from streamcqsa.pipeline.runtime import Runtime, StageTimes
@@ -31,7 +30,7 @@ class Context:
     layout: Layout
     kind: str
     backend: str = "auto"
-    compute_dtype: str = ""  # the pass's (``passes.Pass``): "" = the device's rule here
+    compute_dtype: str = "float32"  # the kernels' dtype, decided once by ``passes.Pass``
     device: str = "cpu"
     threads: int | None = None  # torch threads per compute slot (default: cores / n_cap)
     distributed: bool = False  # steps run in other processes (each with its own runtime)
@@ -99,12 +98,7 @@ class Context:
     def kernel_dtype(self) -> torch.dtype:
         """The dtype the pass's kernels compute in: decided once per pass and
         kept by a resumed one, so every unit of a pass rounds alike."""
-        if self.compute_dtype:
-            return torch_dtype(self.compute_dtype)
-        p = self.layout.problem
-        return get_backend(self.backend, self.torch_device).compute_dtype(
-            torch_dtype(p.dtype), self.torch_device
-        )
+        return torch_dtype(self.compute_dtype)
 
     def compute_threads(self) -> int:
         """Torch threads per compute slot: the cores shared by n_cap slots."""

@@ -208,7 +208,6 @@ def test_read_ahead_through_staging_slots_fills_the_unit(tmp_path, dtype):
         if leaf.path[:1] == node.path:
             ra.wait(leaf)
     ra.finish()
-    assert 0.0 < ra.h2d_s <= ra.read_s  # first copy to last, inside the reader's time
     for (arr, h), t in zip(srcs, ra.tensors, strict=True):
         full = to_torch(np.asarray(arr[0:1, h]), dtype)
         want = torch.cat([full[:, :, a : a + n] for a, n in node.runs], dim=2)
