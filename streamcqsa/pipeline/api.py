@@ -12,6 +12,7 @@ from streamcqsa.errors import StoreError
 from streamcqsa.pipeline.args import check_args, dout_digest, same_dout
 from streamcqsa.pipeline.passes import Pass
 from streamcqsa.pipeline.stats import RunStats
+from streamcqsa.storage.location import Location
 from streamcqsa.storage.store import open_group
 from streamcqsa.storage.units import BWD, FWD
 from streamcqsa.validate import as_itr, as_quorum
@@ -36,6 +37,7 @@ def run(
     n_cap: int | None = None,
     device_memory: int | None = None,
     overlap_io: bool | None = None,
+    storage_options: dict | None = None,
 ) -> RunStats:
     """Exact CQS attention over a run store; writes ``out`` and ``lse``.
 
@@ -66,7 +68,11 @@ def run(
     finished chunks during its compute, on threads of its own. ``None``
     (default) does so on a GPU or when the compute leaves a core free; pass
     ``True`` for slow storage, where reads wait rather than copy.
+
+    ``store_path`` is a directory, a URL (``s3://bucket/prefix``, opened with
+    ``storage_options`` as zarr and fsspec take them) or a zarr store object.
     """
+    store_path = Location.of(store_path, storage_options)
     if overlap_io is not None and not isinstance(overlap_io, bool):
         raise TypeError(f"overlap_io must be True, False or None, got {overlap_io!r}")
     if not (isinstance(itr, str) and itr == "auto"):
@@ -102,6 +108,7 @@ def run_backward(
     check_inputs: bool = True,
     n_cap: int | None = None,
     device_memory: int | None = None,
+    storage_options: dict | None = None,
 ) -> RunStats:
     """Exact dq, dk, dv into the store, from ``dout`` and the stored forward.
 
@@ -113,8 +120,9 @@ def run_backward(
     backward starts over (logged, and ``stats["restarted"]``). Without
     ``dout`` the store must already hold a complete one. Uses the forward's
     plan and head group; ``unit_depth``, ``task_bytes`` and ``keep_partials``
-    work as in ``run``.
+    work as in ``run``, and so do URLs with ``storage_options``.
     """
+    store_path = Location.of(store_path, storage_options)
     a = check_args(store_path, {**locals(), "head_group": None})
     _, problem, meta = open_group(store_path)
     fwd = meta.get(FWD)

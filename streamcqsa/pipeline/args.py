@@ -13,7 +13,6 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from streamcqsa.errors import StoreError
 from streamcqsa.kernels.backend import get_backend
 from streamcqsa.kernels.device import Device
 from streamcqsa.storage.layout import Problem, dtype_name, to_stored
+from streamcqsa.storage.location import Location
 from streamcqsa.validate import as_flag, as_int
 
 
@@ -75,17 +75,21 @@ def check_args(store_path: Any, args: dict) -> dict:
             "scheduler must be None, 'threads', 'sync', a scheduler address "
             f"('tcp://host:port') or a dask.distributed Client, got {sched!r}"
         )
-    if is_distributed(sched) and not isinstance(store_path, (str, os.PathLike)):
-        raise ValueError("a distributed run needs a store path on a shared filesystem")
+    if is_distributed(sched) and not Location.of(store_path).named:
+        raise ValueError(
+            "a distributed run needs a store every worker can reach: a path on a shared "
+            "filesystem or a URL (s3://...), not a store object"
+        )
     return out
 
 
 def check_writable(path: Any) -> None:
     """A read-only store fails before any work starts (root ignores mode bits,
     so they are checked too)."""
-    if not isinstance(path, (str, os.PathLike)):
+    loc = Location.of(path)
+    if loc.local is None:  # a URL store says so at its first write (the lock)
         return
-    p = Path(path)
+    p = loc.local
     if not os.access(p, os.W_OK) or not (p.stat().st_mode & stat.S_IWUSR):
         raise StoreError(f"store {p} is read-only; a run needs to write into it")
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +31,7 @@ from streamcqsa.pipeline.graph import build_graph
 from streamcqsa.pipeline.guardrail import Guardrail
 from streamcqsa.pipeline.stats import RunStats, disk_needs
 from streamcqsa.storage.layout import INPUTS, Problem, torch_dtype
+from streamcqsa.storage.location import Location
 from streamcqsa.storage.lock import StoreLock
 from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.store import ATTR, fingerprint, open_group, update_meta
@@ -48,10 +46,11 @@ def clean_orphans(path: Any) -> int:
     Passes never write q, k or v (only a finished ``create`` makes a usable
     store), so their chunk trees, most of a big store's files, are not walked.
     """
-    if not isinstance(path, (str, os.PathLike)):
+    loc = Location.of(path)
+    if loc.local is None:  # objects appear whole: a killed PUT leaves nothing
         return 0
     n = 0
-    for entry in Path(path).iterdir():
+    for entry in loc.local.iterdir():
         if entry.name in INPUTS and entry.is_dir():
             continue
         found = entry.rglob("*.partial") if entry.is_dir() else [entry]
@@ -78,7 +77,7 @@ class Pass:
         dout: Any = None,
         dout_digest: str | None = None,
     ) -> None:
-        self.path, self.kind = store_path, kind
+        self.path, self.kind = Location.of(store_path), kind
         self.itr, self.quorum = itr, quorum
         self.a = args
         self.guard = dict(guard)
@@ -151,10 +150,10 @@ class Pass:
 
     def _check_disk(self, arrays: RunArrays, new_dout: bool) -> dict:
         """The disk this pass needs at its peak; refuse to start without it."""
-        needs = disk_needs(arrays, self.a["keep_partials"], new_dout, self.a["workers"])
-        if not isinstance(self.path, (str, os.PathLike)):
+        needs = disk_needs(arrays, self.a["keep_partials"], new_dout, self.a["workers"], self.path)
+        free = self.path.free_bytes()
+        if free is None:  # an object store or a store object: no limit we can read
             return needs
-        free = shutil.disk_usage(self.path).free
         if needs["more_bytes"] > free:
             raise DiskFullError(
                 errno.ENOSPC,
@@ -214,7 +213,7 @@ class Pass:
         meta = update_meta(group, **{kind: entry})
         distributed = is_distributed(a["scheduler"])
         ctx = Context(
-            store=str(self.path) if distributed else self.path,
+            store=self.path,
             layout=layout,
             kind=kind,
             backend=a["backend"],
@@ -227,7 +226,7 @@ class Pass:
             overlap_io=self.guard.get("overlap_io"),
             keep_partials=a["keep_partials"],
         )
-        if not isinstance(self.path, (str, os.PathLike)):
+        if not self.path.named:
             ctx.use_arrays(arrays)  # in-memory stores are shared, never reopened
         skip = set(np.flatnonzero(done).tolist())
         graph = build_graph(ctx, skip=skip)

@@ -24,13 +24,14 @@ from zarr.core.sync import sync
 
 from streamcqsa.storage.integrity import all_chunks, chunk_key, scan, stored_chunks
 from streamcqsa.storage.layout import INPUTS
+from streamcqsa.storage.location import Location
 from streamcqsa.storage.lock import StoreLock
 from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.store import StoreError, open_group, update_meta
 from streamcqsa.storage.units import BWD, FWD, Layout, partial_names
 
 
-def repair(store_path: Any) -> dict:
+def repair(store_path: Any, *, storage_options: dict | None = None) -> dict:
     """Check every chunk a pass vouches for; unmark the groups whose results
     are corrupt or missing.
 
@@ -38,6 +39,7 @@ def repair(store_path: Any) -> dict:
     them, ``report[kind + "_missing"]`` the absent ones, and
     ``report[kind + "_units_reset"]`` counts the units to run again.
     """
+    store_path = Location.of(store_path, storage_options)
     group, problem, meta = open_group(store_path)
     report: dict[str, Any] = {"inputs": [], "inputs_missing": []}
     with StoreLock(store_path):

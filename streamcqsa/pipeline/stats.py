@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from streamcqsa.cqs.footprint import peak_disk
@@ -73,17 +71,13 @@ def _output_bytes(arrays: RunArrays) -> int:
     return total
 
 
-def _on_disk(root: Path, names: list[str]) -> int:
-    total = 0
-    for name in names:
-        base = root / name
-        if base.is_dir():
-            for dirpath, _, files in os.walk(base):
-                total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total
-
-
-def disk_needs(arrays: RunArrays, keep_partials: bool, new_dout: bool, in_flight: int) -> dict:
+def disk_needs(
+    arrays: RunArrays,
+    keep_partials: bool,
+    new_dout: bool,
+    in_flight: int,
+    location: Any = None,
+) -> dict:
     """The disk a pass needs at its peak (``cqs.footprint.peak_disk``), with
     ``in_flight`` finals running at once."""
     lay, kind = arrays.layout, arrays.kind
@@ -105,11 +99,10 @@ def disk_needs(arrays: RunArrays, keep_partials: bool, new_dout: bool, in_flight
         + out["kept_bytes"]
         + peak_disk(outputs, out["accumulator_bytes"], per_final * max(1, in_flight))
     )
-    root = arrays.group.store.root if hasattr(arrays.group.store, "root") else None
     have = 0
-    if root is not None:
+    if location is not None and location.named:
         names = [*partial_names(kind), f"partials/{kind}"] + (["dout"] if new_dout else [])
-        have = _on_disk(Path(root), names)
+        have = sum(location.size(n) for n in names)
     out["more_bytes"] = max(0, out["peak_bytes"] - have)
     return out
 

@@ -50,7 +50,14 @@ TOLERANCE_RULE = (
 )
 
 
-def verify(store_path: Any, rows: int = 64, *, seed: int = 0, batch: int | None = None) -> dict:
+def verify(
+    store_path: Any,
+    rows: int = 64,
+    *,
+    seed: int = 0,
+    batch: int | None = None,
+    storage_options: dict | None = None,
+) -> dict:
     """Check ``rows`` sampled query rows (all heads) of a finished forward pass.
 
     The positions are drawn without replacement by
@@ -75,7 +82,7 @@ def verify(store_path: Any, rows: int = 64, *, seed: int = 0, batch: int | None 
     whose error is largest relative to its tolerance; and ``reasons``, one line per failure kind.
     Errors are ``inf`` where a value is non-finite.
     """
-    group, p, meta = open_group(store_path, mode="r")
+    group, p, meta = open_group(store_path, mode="r", storage_options=storage_options)
     if not meta.get("fwd") or meta["fwd"].get("status") != "done":
         raise StoreError("verify needs a finished forward pass: run it first")
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -21,6 +20,7 @@ import torch
 
 from streamcqsa.cqs.divide import Node
 from streamcqsa.storage.layout import Problem
+from streamcqsa.storage.location import Location
 from streamcqsa.storage.lock import LOCK_NAME
 from streamcqsa.storage.runarrays import RunArrays
 from streamcqsa.storage.store import open_group
@@ -58,9 +58,9 @@ class Run:
     ``run.out``, ``run["out"]`` and ``run.arrays["out"]`` are the same lazy
     dask array; likewise q, k, v, lse, dout, dq, dk and dv once stored."""
 
-    def __init__(self, path: Any) -> None:
-        self.path = path
-        self.group, self.problem, self.meta = open_group(path, mode="r")
+    def __init__(self, path: Any, storage_options: dict | None = None) -> None:
+        self.path = Location.of(path, storage_options)
+        self.group, self.problem, self.meta = open_group(self.path, mode="r")
 
     def refresh(self) -> Run:
         self.group, self.problem, self.meta = open_group(self.path, mode="r")
@@ -245,12 +245,13 @@ class Run:
         stopped by an error or Ctrl-C) and resumes when run again. An owner on
         another host cannot be checked from here and counts as live.
         """
-        if not isinstance(self.path, (str, os.PathLike)):
+        if not self.path.named:
             return {"pid": os.getpid(), "host": socket.gethostname()}  # in memory: this process
         try:
-            owner = json.loads((Path(self.path) / LOCK_NAME).read_text())
-        except FileNotFoundError:
-            return None
+            raw = self.path.read_bytes(LOCK_NAME)
+            if raw is None:
+                return None
+            owner = json.loads(raw)
         except (OSError, ValueError):
             return {"pid": None, "host": None}  # being written: a run is starting
         if not isinstance(owner, dict):
@@ -293,7 +294,7 @@ class Run:
             for kind in (FWD, BWD)
         )
         shape = f"B={p.batch} H={p.heads} Hkv={p.kv_heads} L={p.seq_len} D={p.head_dim}"
-        return f"Run({self.path!r}, {shape} {p.dtype}, {passes})"
+        return f"Run({str(self.path)!r}, {shape} {p.dtype}, {passes})"
 
 
 def _fold_kept(arrays: RunArrays, node: Node, b: int, g: int) -> tuple[torch.Tensor, ...]:
@@ -319,9 +320,10 @@ def _bf16_to_f32(block: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(block)).view(torch.bfloat16).float().numpy()
 
 
-def open(path: Any) -> Run:  # noqa: A001 - mirrors zarr.open
-    """Open a run store for inspection."""
-    return Run(path)
+def open(path: Any, *, storage_options: dict | None = None) -> Run:  # noqa: A001 - zarr.open
+    """Open a run store for inspection (a directory, a URL with
+    ``storage_options`` as in zarr, or a store object)."""
+    return Run(path, storage_options)
 
 
 __all__ = ["Partial", "Problem", "Run", "TaskStatus", "open"]

@@ -21,8 +21,8 @@ are not separate runs. Rules:
 - A lock from another host is never stale (its pid means nothing here): the
   error names the file to remove once that run is known to be dead.
 
-``replacing`` builds a store's new contents under that lock and swaps them in
-only when complete, so a failed or refused (over)write loses nothing.
+A store at a URL is locked by ``objectlock`` under the same rules. Building a
+store's new contents under the lock is ``replace``'s job.
 """
 
 from __future__ import annotations
@@ -32,11 +32,8 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +103,13 @@ def _read(file: Path) -> _Seen | None:
     return _Seen(ident, raw, _parse(raw), time.time() - st.st_mtime)
 
 
+def owner_record() -> tuple[bytes, str]:
+    """This process's owner record for a lock, and its unique token."""
+    token = secrets.token_hex(8)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "token": token}
+    return json.dumps(me).encode(), token
+
+
 class _Held(Exception):
     """Internal: the file is held by the owner in ``seen``."""
 
@@ -120,22 +124,27 @@ class StoreLock:
     """
 
     def __init__(self, path: Any) -> None:
-        self.file = Path(path) / LOCK_NAME if isinstance(path, (str, os.PathLike)) else None
+        from streamcqsa.storage.location import Location
+
+        loc = Location.of(path)
+        self.file = loc.local / LOCK_NAME if loc.local is not None else None
         self.taken_over: dict | None = None  # the stale owner replaced, if any
         self._raw: bytes | None = None  # our owner record while we hold the lock
         self._links = True
+        self._object: Any = None
+        if loc.remote:  # an object store: the same rules on its primitives
+            from streamcqsa.storage.objectlock import ObjectLock
+
+            self._object = ObjectLock(loc)
 
     def __enter__(self) -> StoreLock:
+        if self._object is not None:
+            self._object.__enter__()
+            self.taken_over = self._object.taken_over
+            return self
         if self.file is None:
             return self
-        token = secrets.token_hex(8)
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": time.time(),
-            "token": token,
-        }
-        raw = json.dumps(me).encode()
+        raw, token = owner_record()
         tmp = self.file.with_name(f"{LOCK_NAME}.{os.getpid()}.{token}.tmp")
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -246,19 +255,7 @@ class StoreLock:
         return seen
 
     def _busy(self, seen: _Seen) -> str:
-        where, file = self.file.parent, self.file  # type: ignore[union-attr]
-        owner = seen.owner
-        if owner is None:
-            return (
-                f"store {where} is in use: its lock {file} names no owner yet (a run is "
-                f"starting); if no run is using the store, remove {file}"
-            )
-        since = owner.get("since", 0)
-        since = time.ctime(since) if isinstance(since, (int, float)) else "?"
-        return (
-            f"store {where} is in use by pid {owner['pid']} on host {owner['host']} "
-            f"(since {since}); if that run is dead on another host, remove {file}"
-        )
+        return busy_message(self.file.parent, self.file, seen.owner)  # type: ignore[union-attr]
 
     def _sweep(self) -> None:
         """Remove temporary and claim files that dead processes left (best effort)."""
@@ -271,6 +268,9 @@ class StoreLock:
                 pass  # not ours to judge (a directory, no permission): leave it
 
     def __exit__(self, *exc: object) -> None:
+        if self._object is not None:
+            self._object.__exit__(*exc)
+            return
         if self.file is None or self._raw is None:
             return
         seen = _read(self.file)
@@ -279,85 +279,16 @@ class StoreLock:
         self._raw = None
 
 
-# -- replacing a store's contents under its lock ----------------------------
-
-OURS = ".stream-cqsa-"  # prefix of the build and swap directories inside a store
-
-
-def _foreign(p: Path) -> list[Path]:
-    """Entries of p that are not the lock's or a create's own bookkeeping."""
-    return [e for e in p.iterdir() if not e.name.startswith((LOCK_NAME, OURS))]
-
-
-def _check_target(p: Path, overwrite: bool) -> None:
-    if p.is_file():
-        raise StoreError(f"{p} is a file, not a run store directory")
-    if p.is_dir() and _foreign(p):
-        if not overwrite:
-            raise StoreError(f"{p} exists and is not empty; pass overwrite=True")
-        if not (p / "zarr.json").exists():
-            raise StoreError(f"{p} is not a run store; refusing to overwrite it")
-
-
-@contextmanager
-def replacing(path: Any, overwrite: bool) -> Iterator[Any]:
-    """Build a store's new contents, then swap them in: yields where to build.
-
-    For a directory this holds the store's lock throughout (StoreBusyError if
-    a run holds it), builds in a private directory inside the store, and only
-    when the body finished moves the old entries aside and the new ones in
-    (``zarr.json`` last, so the directory is a run store again only when
-    complete). If the body raises, the old store is left as it was, and a
-    directory this call created is removed. A store object (not a path) is
-    built in place.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        yield path
-        return
-    p = Path(path)
-    _check_target(p, overwrite)  # refuse before making anything
-    try:
-        p.mkdir(parents=True)
-        made = True
-    except FileExistsError:
-        made = False
-    except OSError as e:
-        raise StoreError(f"cannot create the run store directory {p}: {e}") from e
-    with StoreLock(p):
-        try:
-            _check_target(p, overwrite)  # as of holding the lock
-            build = p / f"{OURS}build-{os.getpid()}-{secrets.token_hex(4)}"
-            build.mkdir()
-            yield build
-            _swap_in(p, build)
-        except BaseException:
-            if made:
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                shutil.rmtree(build, ignore_errors=True)
-            raise
-
-
-def _swap_in(p: Path, build: Path) -> None:
-    """Move p's entries aside and build's in; on failure move everything back."""
-    old = p / f"{OURS}old-{os.getpid()}-{secrets.token_hex(4)}"
-    current = sorted(_foreign(p), key=lambda e: e.name != "zarr.json")  # zarr.json first
-    new = sorted(build.iterdir(), key=lambda e: e.name == "zarr.json")  # zarr.json last
-    moved: list[tuple[Path, Path]] = []
-    try:
-        if current:
-            old.mkdir()
-        for src, dst in [(e, old / e.name) for e in current] + [(e, p / e.name) for e in new]:
-            os.rename(src, dst)
-            moved.append((src, dst))
-    except BaseException:
-        for src, dst in reversed(moved):
-            try:
-                os.rename(dst, src)
-            except OSError:
-                pass
-        raise
-    # the lock is held: other build and swap directories are a dead create's
-    for e in p.iterdir():
-        if e.name.startswith(OURS):
-            shutil.rmtree(e, ignore_errors=True)
+def busy_message(where: Any, file: Any, owner: dict | None) -> str:
+    """The StoreBusyError text: who holds ``file``, and what to do if it is dead."""
+    if owner is None:
+        return (
+            f"store {where} is in use: its lock {file} names no owner yet (a run is "
+            f"starting); if no run is using the store, remove {file}"
+        )
+    since = owner.get("since", 0)
+    since = time.ctime(since) if isinstance(since, (int, float)) else "?"
+    return (
+        f"store {where} is in use by pid {owner['pid']} on host {owner['host']} "
+        f"(since {since}); if that run is dead on another host, remove {file}"
+    )

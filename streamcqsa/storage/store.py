@@ -30,21 +30,22 @@ from streamcqsa.storage.layout import (
     to_stored,
     to_torch,
 )
-from streamcqsa.storage.lock import replacing
+from streamcqsa.storage.location import Location
+from streamcqsa.storage.replace import replacing
 from streamcqsa.validate import as_flag, check_finite
 
 StorePath = str | os.PathLike | zarr.storage.StoreLike
 
 
 def _store(path: Any, *, create: bool = False) -> Any:
-    if isinstance(path, (str, os.PathLike)):
-        p = Path(path)
+    loc = Location.of(path)
+    if loc.local is not None:
+        p = loc.local
         if p.exists() and not p.is_dir():
             raise StoreError(f"{p} is a file, not a run store directory")
         if not create and not p.exists():
             raise StoreError(f"no run store at {p}: path does not exist")
-        return zarr.storage.LocalStore(p)
-    return path
+    return loc.zarr_store()
 
 
 def array_kwargs(dtype: str, chunks: tuple[int, ...]) -> dict[str, Any]:
@@ -128,6 +129,7 @@ def create(
     overwrite: bool = False,
     chunk_tokens: int | None = None,
     allow_nonfinite: bool = False,
+    storage_options: dict | None = None,
 ) -> Path | Any:
     """Write q [B,H,L,D], k, v [B,Hkv,L,D] (numpy, torch or dask) into a new store.
 
@@ -135,9 +137,11 @@ def create(
     chunk by chunk, never whole). Shapes and dtypes are checked before
     anything is written. A directory store is built in a private directory
     (the data checked for NaN/Inf as it is copied) and swapped in only when
-    complete (``lock.replacing``): any failure leaves an existing store as it
-    was, and a store another run holds is refused (StoreBusyError).
+    complete (``replace.replacing``): any failure leaves an existing store as
+    it was, and a store another run holds is refused (StoreBusyError). A URL
+    (``s3://bucket/prefix``) is opened with ``storage_options`` as in zarr.
     """
+    loc = Location.of(path, storage_options)
     srcs = [_as_source(x) for x in (q, k, v)]
     for name, x in zip(INPUTS, srcs, strict=True):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -155,7 +159,7 @@ def create(
         chunk_tokens,
     )
     allow_nonfinite = as_flag("allow_nonfinite", allow_nonfinite)
-    with replacing(path, overwrite) as target:
+    with replacing(loc, overwrite) as target:
         group = _init_group(target, problem)
         last: list = []  # causal: the last non-finite token of each V column
         for name, x in zip(INPUTS, srcs, strict=True):
@@ -255,6 +259,7 @@ def create_random(
     std: float = 1.0,
     overwrite: bool = False,
     chunk_tokens: int | None = None,
+    storage_options: dict | None = None,
 ) -> Path | Any:
     """A store of standard-normal inputs (times ``std``), one chunk at a time.
 
@@ -263,6 +268,7 @@ def create_random(
     argument is checked before anything is written, and an existing store is
     replaced only by a complete new one, as in ``create``.
     """
+    loc = Location.of(path, storage_options)
     kv_heads = heads if kv_heads is None else kv_heads
     name = dtype_name(dtype)
     for label, val in (
@@ -290,7 +296,7 @@ def create_random(
         raise TypeError(f"std must be a float, got {std!r}")
     if not np.isfinite(std) or std < 0:
         raise ValueError(f"std must be finite and >= 0, got {std}")
-    with replacing(path, overwrite) as target:
+    with replacing(loc, overwrite) as target:
         group = _init_group(target, problem)
         c = problem.chunk_tokens
         for ai, arr_name in enumerate(INPUTS):
@@ -318,21 +324,26 @@ def _finish_inputs(group: zarr.Group, problem: Problem) -> None:
     group.attrs[ATTR] = meta
 
 
-def open_group(path: StorePath, *, mode: str = "r+") -> tuple[zarr.Group, Problem, dict]:
+def open_group(
+    path: StorePath, *, mode: str = "r+", storage_options: dict | None = None
+) -> tuple[zarr.Group, Problem, dict]:
     """Open a run store and check its format; StoreError if it is not one."""
-    store = _store(path)
-    if isinstance(path, (str, os.PathLike)) and not (Path(path) / "zarr.json").exists():
-        raise StoreError(f"{path} is not a run store (no zarr.json)")
+    loc = Location.of(path, storage_options)
+    store = _store(loc)
+    if loc.named and not loc.is_store():
+        if loc.remote and not loc.exists():
+            raise StoreError(f"no run store at {loc}: nothing is stored there")
+        raise StoreError(f"{loc} is not a run store (no zarr.json)")
     try:
         group = zarr.open_group(store, mode=mode)
     except Exception as e:  # zarr raises several types for "not a group"
-        raise StoreError(f"{path} is not a run store: {e}") from e
+        raise StoreError(f"{loc} is not a run store: {e}") from e
     meta = group.attrs.get(ATTR)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StoreError(f"{path} is a zarr group but not a stream-cqsa run store")
+        raise StoreError(f"{loc} is a zarr group but not a stream-cqsa run store")
     if meta.get("format_version") != FORMAT_VERSION:
         raise StoreError(
-            f"{path} has store format version {meta.get('format_version')}; "
+            f"{loc} has store format version {meta.get('format_version')}; "
             f"this version of stream-cqsa reads version {FORMAT_VERSION}"
         )
     return group, Problem(**meta["problem"]), meta
