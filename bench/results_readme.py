@@ -112,8 +112,37 @@ def _gpu() -> list[str] | None:
     ]
 
 
+def _disk() -> list[str] | None:
+    data = _load("disk.json")
+    if not data:
+        return None
+    commit, date = _last_change(RESULTS / "disk.json")
+    return [
+        "| `disk.md`, `disk.json` | peak disk of a forward and a backward pass, sampled "
+        "while they run, against the pass's own prediction "
+        "| `python bench/disk.py --seq-len L` (one row per L) | the machine of `suite.json` "
+        f"| {date or '?'} (commit date) | {commit} (the commit that recorded the files) |"
+    ]
+
+
+def _objectstore() -> list[str] | None:
+    data = _load("objectstore.json")
+    if not data:
+        return None
+    commit, date = _last_change(RESULTS / "objectstore.json")
+    meta = data.get("meta", {})
+    return [
+        "| `objectstore.md`, `objectstore.json` | the pipeline over an S3 store (moto's "
+        "server on loopback) ÷ the same on local disk "
+        f"| `python bench/objectstore.py` ({meta.get('wall_s', 0):.0f} s) "
+        f"| {meta.get('machine', '?')} | {meta.get('date', date)} "
+        f"| {commit} (the commit that recorded the files) |"
+    ]
+
+
 def markdown() -> str:
-    rows = [r for part in (_suite(), _memory(), _gpu()) if part for r in part]
+    parts = (_suite(), _memory(), _disk(), _objectstore(), _gpu())
+    rows = [r for part in parts if part for r in part]
     return "\n".join(
         [
             "# Benchmark results",

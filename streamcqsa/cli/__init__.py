@@ -37,6 +37,10 @@ def cli_message(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if getattr(args, "path", None) is not None:
+            from streamcqsa.storage.location import Location
+
+            args.path = Location.of(args.path, dict(args.storage_options or []) or None)
         return int(args.func(args))
     except KeyboardInterrupt:
         resume = "; rerun to resume" if args.command in ("run", "backward") else ""

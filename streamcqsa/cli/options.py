@@ -111,3 +111,31 @@ def _bytes(text: str) -> int:
     if not math.isfinite(n) or n < 1:
         raise argparse.ArgumentTypeError(f"must be a size >= 1 byte, got {text!r}")
     return int(n)
+
+
+def _storage_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE; VALUE is read as JSON when it parses (numbers, true, {...})."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "path", help="the run store: a directory, or a URL such as s3://bucket/prefix/run.zarr"
+    )
+    parser.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        metavar="KEY=VALUE",
+        type=_storage_option,
+        action="append",
+        help="an fsspec storage option for a URL store, as zarr's storage_options "
+        "(repeatable; e.g. endpoint_url=http://host:9000 or anon=true)",
+    )

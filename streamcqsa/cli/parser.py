@@ -7,6 +7,7 @@ import argparse
 from streamcqsa import __version__
 from streamcqsa.cli.options import (
     _add_device_args,
+    _add_store,
     _add_unit_depth,
     _bytes,
     _count,
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init", help="create a run store (random data or .npy files)")
-    s.add_argument("path")
+    _add_store(s)
     s.add_argument("--from-npy", nargs=3, metavar=("Q", "K", "V"), help="q, k, v .npy files")
     s.add_argument("--seq-len", type=_count, default=4096)
     s.add_argument("--heads", type=_count, default=8)
@@ -61,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("run", help="run (or resume) the forward pass")
-    s.add_argument("path")
+    _add_store(s)
     s.add_argument("--itr", type=_itr, default=3, help="depth, or 'auto' (from budgets)")
     s.add_argument("--quorum", type=_quorum, default=3, help="k, or k1,k2,... per level")
     s.add_argument("--backend", default="auto")
@@ -82,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("backward", help="run (or resume) the backward pass")
-    s.add_argument("path")
+    _add_store(s)
     g = s.add_mutually_exclusive_group()
     g.add_argument(
         "--dout",
@@ -101,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_backward)
 
     s = sub.add_parser("status", help="show the store's problem and progress")
-    s.add_argument("path")
+    _add_store(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
@@ -113,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
         description="Check sampled rows of out and lse against float64 attention. "
         + TOLERANCE_RULE,
     )
-    s.add_argument("path")
+    _add_store(s)
     s.add_argument("--rows", type=_count, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_verify)
@@ -172,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_estimate)
 
     s = sub.add_parser("repair", help="find corrupt chunks; reset the units that made them")
-    s.add_argument("path")
+    _add_store(s)
     s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("demo", help="run the store pipeline on a small default and verify")

@@ -146,8 +146,17 @@ class Location:
             return False
 
     def is_store(self) -> bool:
-        """A zarr group's metadata is here (zarr.json)."""
-        return self.read_bytes("zarr.json") is not None
+        """A zarr group's metadata is here (zarr.json). The first access of a
+        URL store: a store that cannot be reached (credentials, endpoint,
+        network) is a StoreError naming it and the backend's own reason."""
+        if self.url is None:
+            return self.read_bytes("zarr.json") is not None
+        try:
+            return self.read_bytes("zarr.json") is not None
+        except (StoreError, PermissionError):
+            raise
+        except Exception as e:  # each backend has its own error types
+            raise StoreError(f"cannot reach {self}: {type(e).__name__}: {e}") from e
 
     def read_bytes(self, name: str) -> bytes | None:
         """The object or file ``name``, or None when absent."""

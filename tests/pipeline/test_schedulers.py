@@ -84,3 +84,27 @@ def test_cuda_pass_refuses_a_cluster_without_gpu_workers():
         _check_resources(Client([{}, {"CPU": 4}]), {"GPU": 1})
     _check_resources(Client([{}, {"GPU": 1}]), {"GPU": 1})
     _check_resources(Client([{}]), None)  # a CPU pass needs no resource
+
+
+def test_a_real_cluster_is_checked_for_gpu_workers():
+    """The same check against a live scheduler: workers that declare GPU
+    (as the cluster recipes in docs/clusters.md start them) pass, others not."""
+    distributed = pytest.importorskip("distributed")
+    from streamcqsa.pipeline.execute import _check_resources
+
+    for declared, ok in (({"GPU": 2}, True), (None, False)):
+        with (
+            distributed.LocalCluster(
+                n_workers=1,
+                threads_per_worker=2,
+                processes=False,
+                resources=declared,
+                dashboard_address=None,
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
+            if ok:
+                _check_resources(client, {"GPU": 1})
+            else:
+                with pytest.raises(ValueError, match="declares it"):
+                    _check_resources(client, {"GPU": 1})

@@ -232,3 +232,21 @@ def test_urls_are_checked_before_anything_is_written(s3, url, tmp_path):
         run(tmp_path / "x.zarr", itr=1, storage_options={"anon": True})
     with pytest.raises(TypeError, match="storage_options must be a dict"):
         open_run(url, storage_options="anon")
+
+
+def test_the_cli_takes_urls_and_storage_options(s3, url, capsys):
+    from streamcqsa.cli import main
+
+    opts = [f"--storage-option=endpoint_url={s3.endpoint}", "--storage-option=key=testing"]
+    opts.append("--storage-option=secret=testing")
+    assert main(["init", url, "--seq-len", "256", "--heads", "2", "--head-dim", "8", *opts]) == 0
+    assert main(["run", url, "--itr", "1", "--no-progress", *opts]) == 0
+    assert main(["verify", url, *opts]) == 0
+    assert main(["status", url, "--json", *opts]) == 0
+    assert '"fwd"' in capsys.readouterr().out
+    assert main(["status", url]) == 2  # without its endpoint and keys it is not reachable
+    assert f"cannot reach {url}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["run", url, "--storage-option", "novalue"])
+    assert e.value.code == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
