@@ -114,16 +114,19 @@ def _bytes(text: str) -> int:
 
 
 def _storage_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE; VALUE is read as JSON when it parses (numbers, true, {...})."""
+    """KEY=VALUE; VALUE is a string, except true/false/null and JSON objects and
+    lists (a numeric secret stays a string)."""
     import json
 
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
+    if value in ("true", "false", "null") or value.startswith(("{", "[")):
+        try:
+            return key, json.loads(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}: {value!r} is not valid JSON") from None
+    return key, value
 
 
 def _add_store(parser: argparse.ArgumentParser) -> None:
@@ -137,5 +140,6 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
         type=_storage_option,
         action="append",
         help="an fsspec storage option for a URL store, as zarr's storage_options "
-        "(repeatable; e.g. endpoint_url=http://host:9000 or anon=true)",
+        "(repeatable; e.g. endpoint_url=http://host:9000 or anon=true; values are "
+        "strings but for true, false, null and JSON {...} or [...])",
     )

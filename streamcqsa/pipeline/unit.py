@@ -215,29 +215,32 @@ def _backward(ctx: Context, unit: Unit) -> Partial:
 
 
 def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
-    """A backward unit: its inputs read whole, then (on the device) copied
-    there once; its gradients summed where it is held, returned on the host.
-    Gradient sums are elementwise adds, so the bits do not depend on where."""
+    """A backward unit: its inputs read (on the host) or staged a store chunk
+    at a time (to the device, ``_staged``); its gradients summed where it is
+    held, returned on the host. Gradient sums are elementwise adds, so the
+    bits do not depend on where."""
     lay, arrays = ctx.layout, ctx.arrays
     p = lay.problem
     node = lay.plan.by_path[unit.node]
-    dev = ctx.torch_device
     dt = ctx.kernel_dtype()
     qh, kh = lay.q_heads(unit.g), lay.kv_heads(unit.g)
     t0 = time.perf_counter()
     ws = Workspace()
     alloc = functools.partial(ws.empty, device="cpu")
-    xs = tuple(
-        read_runs(arrays, n, unit.b, kh if n in ("k", "v") else qh, node.runs, p, alloc)
-        for n in ("q", "k", "v", "dout", "out", "lse")
-    )
-    t1 = time.perf_counter()
+    names = ("q", "k", "v", "dout", "out", "lse")
     h2d = d2h = 0.0
-    if on_device:  # a synchronous copy: the host buffers go back to the pool
-        host, xs = xs, tuple(x.to(dev) for x in xs)
-        ws.release(*(h for h, x in zip(host, xs, strict=True) if x is not h))
-        del host
-        h2d = time.perf_counter() - t1
+    if on_device:
+        staged = [
+            _staged(ctx, n, unit.b, kh if n in ("k", "v") else qh, node.runs, ws) for n in names
+        ]
+        xs = tuple(x for x, _ in staged)
+        h2d = sum(t for _, t in staged)
+    else:
+        xs = tuple(
+            read_runs(arrays, n, unit.b, kh if n in ("k", "v") else qh, node.runs, p, alloc)
+            for n in names
+        )
+    t1 = time.perf_counter()
     leaves = Leaves(ctx, unit, dt, on_device=on_device)
     ts = 0.0
 
@@ -255,8 +258,45 @@ def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
         grads = tuple(g.cpu() for g in grads)  # the fold and the writes read them
         d2h = time.perf_counter() - t2
     extra = {"h2d": h2d, "d2h": d2h} if on_device else {}
-    leaves.add_stages(t1 - t0, ts - t1 - h2d, t2 - ts, 0.0, **extra)
+    leaves.add_stages(t1 - t0 - h2d, ts - t1, t2 - ts, 0.0, **extra)
     return grads
+
+
+def _staged(
+    ctx: Context, name: str, b: int, heads: slice, runs: Any, ws: Workspace
+) -> tuple[torch.Tensor, float]:
+    """Runs of one array read into a tensor on the device through one store
+    chunk of host memory at a time (pinned where the device pins), so a
+    unit sized for the device never needs its size in host memory. Returns
+    the tensor and the seconds spent copying."""
+    lay = ctx.layout
+    rows = lay.chunk
+    pieces = [(a + i, min(rows, n - i)) for a, n in runs for i in range(0, n, rows)]
+    total = sum(n for _, n in runs)
+    pin = ctx.dev.pins_host
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if pin:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        return ws.empty(shape, dtype, device="cpu")
+
+    out: torch.Tensor | None = None
+    off, copy_s = 0, 0.0
+    for a, n in pieces:
+        host = read_runs(ctx.arrays, name, b, heads, [(a, n)], lay.problem, alloc)
+        t = time.perf_counter()
+        if out is None:
+            shape = (*host.shape[:2], total, *host.shape[3:])
+            out = torch.empty(shape, dtype=host.dtype, device=ctx.torch_device)
+        # pinned: asynchronous, and torch's host allocator keeps the piece
+        # until its copy is done; pageable: the copy is done on return
+        out[:, :, off : off + n].copy_(host, non_blocking=pin)
+        copy_s += time.perf_counter() - t
+        if not pin:
+            ws.release(host)
+        off += n
+    assert out is not None
+    return out, copy_s
 
 
 def _write_backward(ctx: Context, unit: Unit, grads: Partial) -> None:

@@ -56,13 +56,26 @@ class Location:
             s = os.fspath(path)
             if isinstance(s, bytes):
                 raise TypeError(f"store path must be str, got bytes {s!r}")
+            if "::" in s and "://" in s:
+                raise ValueError(
+                    f"chained URLs ({s!r}) are not supported: give the store's own URL"
+                )
             scheme = _scheme(s)
             if scheme in (None, "file", "local"):
                 if storage_options:
                     raise ValueError("storage_options apply to URLs, not local paths")
-                return cls(local=Path(s.partition("://")[2] if scheme else s))
+                if scheme:
+                    from urllib.parse import urlparse
+                    from urllib.request import url2pathname
+
+                    s = url2pathname(urlparse(s).path)
+                # absolute: a distributed worker may run in another directory
+                return cls(local=Path(s).expanduser().absolute())
+            rest = s.partition("://")[2].rstrip("/")
+            if not rest:
+                raise ValueError(f"the URL {s!r} names no bucket or path")
             _backend(scheme)
-            return cls(url=s.rstrip("/"), storage_options=dict(storage_options or {}))
+            return cls(url=f"{scheme}://{rest}", storage_options=dict(storage_options or {}))
         if storage_options:
             raise ValueError("storage_options apply to URLs, not store objects")
         return cls(obj=path)
@@ -134,29 +147,35 @@ class Location:
         """The filesystem path of ``name`` inside a URL store."""
         return f"{self.filesystem()[1]}/{name}"
 
+    def _reach(self, fn: Any) -> Any:
+        """Call the backend; a store that cannot be reached (credentials,
+        endpoint, network, permissions) is a StoreError naming the URL and the
+        backend's own reason, whatever error type the backend raises."""
+        try:
+            return fn()
+        except (StoreError, FileNotFoundError):
+            raise
+        except Exception as e:  # each backend has its own error types
+            raise StoreError(f"cannot reach {self}: {type(e).__name__}: {e}") from e
+
     def exists(self) -> bool:
         """Something is stored at this location (a directory, or any object)."""
         if self.local is not None:
             return self.local.exists()
         fs, root = self.filesystem()
-        fs.invalidate_cache(root)
-        try:
-            return bool(fs.ls(root, detail=False))
-        except FileNotFoundError:
-            return False
+
+        def ls() -> bool:
+            fs.invalidate_cache(root)
+            try:
+                return bool(fs.ls(root, detail=False))
+            except FileNotFoundError:
+                return False
+
+        return self._reach(ls)
 
     def is_store(self) -> bool:
-        """A zarr group's metadata is here (zarr.json). The first access of a
-        URL store: a store that cannot be reached (credentials, endpoint,
-        network) is a StoreError naming it and the backend's own reason."""
-        if self.url is None:
-            return self.read_bytes("zarr.json") is not None
-        try:
-            return self.read_bytes("zarr.json") is not None
-        except (StoreError, PermissionError):
-            raise
-        except Exception as e:  # each backend has its own error types
-            raise StoreError(f"cannot reach {self}: {type(e).__name__}: {e}") from e
+        """A zarr group's metadata is here (zarr.json)."""
+        return self.read_bytes("zarr.json") is not None
 
     def read_bytes(self, name: str) -> bytes | None:
         """The object or file ``name``, or None when absent."""
@@ -165,7 +184,7 @@ class Location:
                 return (self.local / name).read_bytes()
             if self.url is not None:
                 fs, root = self.filesystem()
-                return fs.cat_file(f"{root}/{name}")
+                return self._reach(lambda: fs.cat_file(f"{root}/{name}"))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         return None
@@ -175,11 +194,15 @@ class Location:
         if self.local is not None:
             return [e.name for e in self.local.iterdir()] if self.local.is_dir() else []
         fs, root = self.filesystem()
-        fs.invalidate_cache(root)
-        try:
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-        except FileNotFoundError:
-            return []
+
+        def ls() -> list[str]:
+            fs.invalidate_cache(root)
+            try:
+                return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+            except FileNotFoundError:
+                return []
+
+        return self._reach(ls)
 
     def remove(self, name: str) -> None:
         """Delete ``name`` and everything under it (absent: nothing to do)."""

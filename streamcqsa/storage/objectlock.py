@@ -15,15 +15,23 @@ The same rules as the file lock (``lock``), on an object store's primitives:
   (S3's conditional ``DeleteObject`` with ``If-Match: <etag>``) and creating
   ours as above. Two takers of one stale lock cannot both win: only one
   delete of that version succeeds, and only one create after it.
-- Backends with no conditional delete fall back to read, compare and delete,
-  which two simultaneous takers of one stale lock could race; exclusive
-  creation, and so the lock itself, still holds there. A backend with no
-  exclusive create cannot lock a store, and says so.
+- Only backends whose conditional writes the store itself enforces can lock
+  a store: S3 and S3-compatible servers (checked: the installed botocore must
+  send ``If-None-Match`` and ``If-Match``, or s3fs would drop them silently),
+  and ``memory://`` (one process; its check-then-write runs under a process
+  lock). Any other backend is refused, naming it: fsspec's generic
+  ``mode="create"`` is a check, then a write, which two machines can both pass.
+- A conditional write that races a delete of the same key (S3 answers 409,
+  ConditionalRequestConflict) is retried; any other error of the store is
+  raised as a StoreError naming the lock, never taken for a lost race.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
+import threading
 import time
 from typing import Any
 
@@ -51,7 +59,11 @@ class ObjectLock:
         return f"{self.location}/{LOCK_NAME}"
 
     def __enter__(self) -> ObjectLock:
+        return self.location._reach(self._enter)  # a StoreError names an unreachable store
+
+    def _enter(self) -> ObjectLock:
         fs, root = self.location.filesystem()
+        _check_backend(fs, str(self.location))
         key = f"{root}/{LOCK_NAME}"
         raw, _ = owner_record()
         removed: dict | None = None
@@ -90,16 +102,16 @@ class ObjectLock:
     def _create(self, fs: Any, key: str, raw: bytes) -> bool:
         """Write the lock only if no object has its name; False if one has."""
         try:
-            fs.pipe_file(key, raw, mode="create")
+            with _process_lock(fs):
+                fs.pipe_file(key, raw, mode="create")
         except FileExistsError:
             return False
-        except TypeError as e:
-            raise StoreError(
-                f"{type(fs).__name__} cannot create an object only if it is absent, so a "
-                f"store at {self.location} cannot be locked: {e}"
-            ) from e
         except PermissionError as e:
             raise StoreError(f"store {self.location} is not writable: {e}") from e
+        except OSError as e:
+            if _conflict(e):
+                return False  # raced a delete of the lock: read it again
+            raise StoreError(f"could not create the lock {self.name}: {e}") from e
         return True
 
     @staticmethod
@@ -127,26 +139,81 @@ class ObjectLock:
             return _Seen(str(ident), raw, _parse(raw), age), etag
         raise StoreBusyError(f"{key} keeps changing: other processes are taking it")
 
-    @staticmethod
-    def _delete(fs: Any, key: str, seen: _Seen, etag: str | None) -> bool:
+    def _delete(self, fs: Any, key: str, seen: _Seen, etag: str | None) -> bool:
         """Delete the lock if it is still the version in ``seen``; True if we did."""
-        if etag is not None and hasattr(fs, "call_s3"):
+        if hasattr(fs, "call_s3"):
             bucket, obj, _ = fs.split_path(key)
             try:
-                fs.call_s3("delete_object", Bucket=bucket, Key=obj, IfMatch=etag)
-            except (OSError, FileNotFoundError):
-                return False  # another version now, or gone: read it again
+                fs.call_s3("delete_object", Bucket=bucket, Key=obj, IfMatch=etag or "*")
+            except FileNotFoundError:
+                return False  # gone: read it again
+            except OSError as e:
+                if e.errno == errno.EINVAL or _conflict(e):  # 412: another version now
+                    return False
+                raise StoreError(f"could not delete the lock {self.name}: {e}") from e
             finally:
                 fs.invalidate_cache(key)
             return True
-        fs.invalidate_cache(key)
-        try:
-            if fs.cat_file(key) != seen.raw:
+        with _process_lock(fs):  # memory://: one process, compare and delete as one step
+            fs.invalidate_cache(key)
+            try:
+                if fs.cat_file(key) != seen.raw:
+                    return False
+                fs.rm(key)
+            except FileNotFoundError:
                 return False
-            fs.rm(key)
-        except FileNotFoundError:
-            return False
         return True
+
+
+_MEMORY_LOCK = threading.Lock()
+
+
+def _process_lock(fs: Any) -> Any:
+    """memory://'s conditional writes: check and write as one step, in-process."""
+    import contextlib
+
+    return _MEMORY_LOCK if "memory" in _protocols(fs) else contextlib.nullcontext()
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = getattr(fs, "protocol", ())
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _conflict(e: BaseException) -> bool:
+    """S3's 409 ConditionalRequestConflict (a conditional write raced another)."""
+    resp = getattr(e.__cause__, "response", None) or {}
+    code = resp.get("Error", {}).get("Code")
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code == "ConditionalRequestConflict" or status == 409
+
+
+def _check_backend(fs: Any, where: str) -> None:
+    protocols = _protocols(fs)
+    if "memory" in protocols:
+        return
+    if "s3" in protocols:
+        if not _botocore_conditionals():
+            raise StoreError(
+                f"cannot lock {where}: the installed botocore does not send S3's "
+                "conditional writes (If-None-Match, If-Match); pip install 'botocore>=1.36'"
+            )
+        return
+    raise StoreError(
+        f"cannot lock {where}: stream-cqsa locks stores on S3-compatible object storage "
+        f"(conditional writes) and local directories; {type(fs).__name__} offers no "
+        "atomic create-if-absent"
+    )
+
+
+@functools.cache
+def _botocore_conditionals() -> bool:
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("s3")
+    put = model.operation_model("PutObject").input_shape.members
+    delete = model.operation_model("DeleteObject").input_shape.members
+    return "IfNoneMatch" in put and "IfMatch" in delete
 
 
 __all__ = ["ObjectLock"]

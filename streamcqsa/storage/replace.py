@@ -8,11 +8,13 @@ exists stays as it was until its replacement is whole.
   the directory is a run store again only when complete).
 - A URL store that is empty builds in place, and a failure deletes what it
   wrote. One that holds a store builds under a private prefix inside it; only
-  when that is complete is the old store deleted (``zarr.json`` first, so it
-  stops being a run store before its arrays go) and the new one copied into
-  place by server-side copies (``zarr.json`` last). Object stores have no
-  rename: a kill during that swap leaves no run store, with the complete new
-  contents under the private prefix; the next create removes them.
+  when that is complete does the swap start: a *journal* object naming the
+  build is written, the old store deleted (``zarr.json`` first, so it stops
+  being a run store before its arrays go) and the new one copied into place
+  by server-side copies (``zarr.json`` last), then the journal and the build
+  deleted. Object stores have no rename, so a swap cut short (a kill, an
+  error of the store) leaves no run store; the journal says so, and the next
+  create or overwrite of that URL first finishes the swap from the build.
 - A store object is built in place (nothing else can see it).
 """
 
@@ -31,6 +33,7 @@ from streamcqsa.storage.location import Location
 from streamcqsa.storage.lock import LOCK_NAME, StoreLock
 
 OURS = ".stream-cqsa-"  # prefix of the build and swap directories inside a store
+JOURNAL = f"{OURS}swap"  # a URL store's unfinished swap: names the build to finish it from
 
 
 def _foreign(names: list[str]) -> list[str]:
@@ -41,10 +44,11 @@ def _foreign(names: list[str]) -> list[str]:
 def _check_target(loc: Location, overwrite: bool) -> None:
     if loc.local is not None and loc.local.is_file():
         raise StoreError(f"{loc} is a file, not a run store directory")
-    if _foreign(loc.entries()):
+    names = loc.entries()
+    if _foreign(names) or JOURNAL in names:
         if not overwrite:
             raise StoreError(f"{loc} exists and is not empty; pass overwrite=True")
-        if not loc.is_store():
+        if not loc.is_store() and JOURNAL not in names:
             raise StoreError(f"{loc} is not a run store; refusing to overwrite it")
 
 
@@ -124,7 +128,11 @@ def _swap_in(p: Path, build: Path) -> None:
 
 @contextmanager
 def _remote(loc: Location) -> Iterator[Location]:
-    for n in loc.entries():  # a dead create's leftovers (the lock is held)
+    names = loc.entries()
+    if JOURNAL in names:  # a swap cut short: finish it first (the lock is held)
+        _finish_swap(loc, loc.read_bytes(JOURNAL).decode())  # type: ignore[union-attr]
+        names = loc.entries()
+    for n in names:  # a dead create's leftovers
         if n.startswith(OURS):
             loc.remove(n)
     old = _foreign(loc.entries())
@@ -144,15 +152,36 @@ def _remote(loc: Location) -> Iterator[Location]:
         loc.remove(name)
         raise
     fs, root = loc.filesystem()
-    for n in sorted(old, key=lambda n: n != "zarr.json"):  # zarr.json first
+    fs.pipe_file(f"{root}/{JOURNAL}", name.encode())
+    try:
+        _finish_swap(loc, name)
+    except BaseException as e:
+        raise StoreError(
+            f"replacing {loc} was cut short ({type(e).__name__}: {e}); it holds no run store "
+            f"now, and the complete new one lies under {loc}/{name}: create it again "
+            "with overwrite=True to finish the swap"
+        ) from e
+
+
+def _finish_swap(loc: Location, name: str) -> None:
+    """Delete what is not the build (zarr.json first), copy the build into
+    place (zarr.json last), delete the journal, then the build. Run again
+    after being cut short anywhere, it finishes the same swap: the build
+    stays whole until the journal is gone."""
+    fs, root = loc.filesystem()
+    build = loc.child(name)
+    new = build.entries()
+    if "zarr.json" not in new:
+        raise StoreError(f"{loc}: the journal names {name}, which holds no complete store")
+    for n in sorted(_foreign(loc.entries()), key=lambda n: n != "zarr.json"):
         loc.remove(n)
-    new = sorted(build.entries(), key=lambda n: n == "zarr.json")  # zarr.json last
-    for n in new:
-        fs.invalidate_cache(f"{root}/{name}")
+    for n in sorted(new, key=lambda n: n == "zarr.json"):
         src = f"{root}/{name}/{n}"
+        fs.invalidate_cache(f"{root}/{name}")
         fs.copy(src, f"{root}/{n}", recursive=fs.isdir(src))
+    loc.remove(JOURNAL)
     loc.remove(name)
     fs.invalidate_cache(root)
 
 
-__all__ = ["OURS", "replacing"]
+__all__ = ["JOURNAL", "OURS", "replacing"]

@@ -98,7 +98,9 @@ def _problem(
 
 
 def _init_group(path: Any, problem: Problem) -> zarr.Group:
-    group = zarr.open_group(_store(path, create=True), mode="w")
+    # a named target is empty but for the lock, which mode "w" would delete
+    mode = "a" if Location.of(path).named else "w"
+    group = zarr.open_group(_store(path, create=True), mode=mode)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "problem": problem.to_json()}
     group.attrs[ATTR] = meta
     shapes = {

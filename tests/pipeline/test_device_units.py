@@ -110,8 +110,19 @@ def test_backward_units_on_the_device_keep_the_bits(stores, tmp_path, monkeypatc
         run(path, itr=itr, progress=False, unit_depth=unit_depth, head_group=1)
     run_backward(plain, dout, progress=False, unit_depth=unit_depth)
     monkeypatch.setattr(Device, "folds_on_device", property(lambda self: True))
+    from streamcqsa.pipeline import unit as unit_mod
+
+    real, rows = unit_mod.read_runs, []
+
+    def counted(arrays, name, b, heads, runs, *a):  # noqa: ANN001, ANN002, ANN202
+        rows.append(sum(n for _, n in runs))
+        return real(arrays, name, b, heads, runs, *a)
+
+    monkeypatch.setattr(unit_mod, "read_runs", counted)
     stats = run_backward(held, dout, progress=False, unit_depth=unit_depth)
     assert {"h2d", "d2h"} <= stats["stages"].keys(), stats["stages"]  # held on the "device"
+    # staged to the device a store chunk at a time: host memory bounded by a chunk
+    assert rows and max(rows) <= 128, max(rows)
     a, b = zarr.open_group(plain, mode="r"), zarr.open_group(held, mode="r")
     for name in ("dq", "dk", "dv"):
         assert np.array_equal(a[name][:], b[name][:]), name

@@ -250,3 +250,83 @@ def test_the_cli_takes_urls_and_storage_options(s3, url, capsys):
         main(["run", url, "--storage-option", "novalue"])
     assert e.value.code == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_new_store_holds_its_lock_while_it_is_written(s3, url):
+    """zarr's mode "w" would clear the prefix, the lock included, while the
+    create still writes: another process could then take the store."""
+    so, seen = s3.options, []
+
+    class Probe(np.ndarray):
+        def __getitem__(self, idx):  # noqa: ANN001, ANN204
+            if not seen:
+                try:
+                    StoreLock(Location.of(url, so)).__enter__()
+                    seen.append("taken")
+                except StoreBusyError:
+                    seen.append("busy")
+            return np.asarray(self)[idx]
+
+    q = np.random.default_rng(0).standard_normal((1, 1, 64, 8)).astype(np.float32)
+    create(url, q.view(Probe), q, q, storage_options=so)
+    assert seen == ["busy"]
+
+
+def test_a_swap_cut_short_is_finished_by_the_next_create(s3, url, monkeypatch):
+    so = s3.options
+    g = np.random.default_rng(1)
+    q, k, v = (g.standard_normal((1, 1, 64, 8)).astype(np.float32) for _ in range(3))
+    create(url, q, k, v, chunk_tokens=16, storage_options=so)
+    fs = Location.of(url, so).filesystem()[0]
+    calls, real = [0], fs.copy
+
+    def flaky(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError("injected: the store failed mid-swap")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fs, "copy", flaky)
+    with pytest.raises(StoreError, match="cut short.*overwrite=True to finish"):
+        create(url, q + 1, k, v, overwrite=True, storage_options=so)
+    with pytest.raises(StoreError):
+        open_run(url, storage_options=so)  # no run store meanwhile, and it says so
+    with pytest.raises(StoreError, match="pass overwrite=True"):
+        create(url, q, k, v, storage_options=so)
+    monkeypatch.undo()
+    create(url, q + 2, k, v, overwrite=True, storage_options=so)
+    _same({"q": q + 2, "k": k, "v": v}, _arrays(url, ("q", "k", "v"), so))
+    names = {p.rsplit("/", 1)[-1] for p in s3.fs.ls(url[5:], refresh=True)}
+    assert names == {"q", "k", "v", "zarr.json"}
+
+
+def test_memory_urls_work_in_one_process(local_ref):
+    url = f"memory://scqsa-{secrets.token_hex(4)}/a.zarr"
+    create_random(url, seed=3, **SHAPE)
+    run(url, itr=2, unit_depth=1, progress=False)
+    _same(local_ref.fwd, _arrays(url, FWD))
+
+
+def test_backends_without_conditional_writes_cannot_lock():
+    from streamcqsa.storage.objectlock import _check_backend
+
+    class GCS:
+        protocol = ("gs", "gcs")
+
+    with pytest.raises(StoreError, match="no atomic create-if-absent"):
+        _check_backend(GCS(), "gs://b/x")
+
+
+def test_store_arguments_resolve_once(tmp_path, monkeypatch):
+    assert Location.of("S3://b/p/").url == "s3://b/p"
+    assert Location.of(f"file://{tmp_path}/x").local == tmp_path / "x"
+    monkeypatch.chdir(tmp_path)
+    assert Location.of("rel.zarr").local == tmp_path / "rel.zarr"  # workers may run elsewhere
+    for bad in ("s3://", "simplecache::s3://b/p"):
+        with pytest.raises(ValueError):
+            Location.of(bad)
+    from streamcqsa.cli.options import _storage_option
+
+    assert _storage_option("secret=12345678") == ("secret", "12345678")
+    assert _storage_option("anon=true") == ("anon", True)
+    assert _storage_option('client_kwargs={"a": 1}') == ("client_kwargs", {"a": 1})
