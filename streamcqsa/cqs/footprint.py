@@ -99,8 +99,11 @@ def unit_device_bytes(
     its streamed fold holds at its peak, and one leaf's gathered inputs (at
     most) and kernel output in the compute dtype. Backward: the node's six
     inputs (lse in fp32) and one leaf's gathered copies, the fp32 gradient
-    rows its sums hold at their peak (``Plan.summed_fold_rows``), and one
-    leaf's kernel gradients in the compute dtype.
+    rows its sums hold at their peak (``Plan.summed_fold_rows``), one leaf's
+    kernel gradients in the compute dtype, and the kernel's own scratch for
+    that leaf: an fp32 dq accumulator and row delta per query head (flash and
+    memory-efficient backwards both keep them), and under GQA dk and dv per
+    query head before they are summed to the kv heads.
     """
     hq, hk, d = head_group * group_ratio, head_group, head_dim
     leaf = plan.longest_leaf(node)
@@ -111,10 +114,11 @@ def unit_device_bytes(
     if kind == "bwd":
         per_in = itemsize * d * (3 * hq + 2 * hk) + 4 * hq  # q, k, v, dout, out; lse
         grad_row = d * (hq + 2 * hk)  # dq, dk, dv
+        scratch = 4 * hq * (d + 1) + (2 * itemsize * hq * d if group_ratio > 1 else 0)
         return (
             (node.length + leaf) * per_in
             + 4 * plan.summed_fold_rows(node) * grad_row
-            + itemsize * leaf * grad_row
+            + leaf * (itemsize * grad_row + scratch)
         )
     raise ValueError(f"kind must be one of {PASSES}, got {kind!r}")
 
