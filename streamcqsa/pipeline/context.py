@@ -100,6 +100,20 @@ class Context:
         kept by a resumed one, so every unit of a pass rounds alike."""
         return torch_dtype(self.compute_dtype)
 
+    @property
+    def leaves_at_once(self) -> bool:
+        """Whether a unit runs its leaves at once on its slot's threads, as the
+        in-memory engine does (fewer, wider kernel calls; the same bits).
+
+        On a CPU with no memory budget the slot's threads are its own, so its
+        leaves need no device slot each; under a budget (or an injected OOM)
+        the guardrail admits leaves one at a time, each on the whole width."""
+        return (
+            not self.dev.is_cuda
+            and self.budget_bytes is None
+            and self.runtime.guardrail.inject is None
+        )
+
     def compute_threads(self) -> int:
         """Torch threads per compute slot: the cores shared by n_cap slots."""
         return self.threads or max(1, (os.cpu_count() or 1) // max(1, self.n_cap))
@@ -111,7 +125,7 @@ class Context:
 
         def scoped() -> Any:
             # leaves one by one: the guardrail admits n_cap leaves at a time
-            with threads.computing(device, tasks=False):
+            with threads.computing(device, tasks=self.leaves_at_once):
                 return fn()
 
         return self.runtime.compute(scoped, self.compute_threads())

@@ -101,9 +101,29 @@ class Guardrail:
         name: str,
         whole: tuple[int, Callable[[], Any]],
         divided: tuple[int, Callable[[], Any]],
+        *,
+        gate: bool = True,
     ) -> Any:
         """Run ``whole`` (bytes, fn); on OOM requeue, shrink n_cap, then divide."""
         nbytes, fn = whole
+        if not gate:
+            try:
+                self._reserve(name, nbytes, self.n_cap)
+                try:
+                    return fn()
+                finally:
+                    self._release(nbytes)
+            except BaseException as e:
+                if not self.device.is_oom(e):
+                    raise
+            self.device.empty_cache()
+            self.events.append({"task": name, "event": "divide", "n_cap": self.n_cap})
+            nbytes, fn = divided
+            self._reserve(name, nbytes, 1, divided=True)
+            try:
+                return fn()
+            finally:
+                self._release(nbytes)
         while True:
             with self._cond:
                 while self._resident >= self.n_cap:

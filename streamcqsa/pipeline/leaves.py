@@ -33,8 +33,11 @@ class Leaves:
         self.dev = ctx.torch_device
         self.be = get_backend(ctx.backend, self.dev)
         self.size = torch.empty((), dtype=dt).element_size()
-        self.compute = 0.0  # inside kernels (and their transfers)
-        self.guarded = 0.0  # the same plus waiting for a device slot
+        # (start, end) of each leaf's kernels (and transfers), and of the same
+        # plus its wait for a device slot; leaves may run at once, so a stage
+        # is the time covered by its intervals, not their sum
+        self._kernel: list[tuple[float, float]] = []
+        self._held: list[tuple[float, float]] = []
         self._spans: list[Timer] = []  # on-device leaves: kernel spans
 
     def device_seconds(self) -> float | None:
@@ -60,7 +63,7 @@ class Leaves:
                     self._spans.append(span)
                     return f()
             finally:
-                self.compute += time.perf_counter() - t
+                self._kernel.append((t, time.perf_counter()))  # list.append: thread-safe
 
         def run_whole() -> Any:
             return timed(lambda: fn(*(t.to(self.dev) for t in tensors)))
@@ -71,10 +74,13 @@ class Leaves:
         t0 = time.perf_counter()
         try:
             result = self.ctx.runtime.guardrail.run(
-                name, (task_bytes(*shape), run_whole), (block_bytes(*shape), run_divided)
+                name,
+                (task_bytes(*shape), run_whole),
+                (block_bytes(*shape), run_divided),
+                gate=not self.ctx.leaves_at_once,
             )
         finally:
-            self.guarded += time.perf_counter() - t0
+            self._held.append((t0, time.perf_counter()))
         self.ctx.runtime.leaf_done()
         return result
 
@@ -84,12 +90,13 @@ class Leaves:
         """Leaf kernels, waits for a unit or device slot, and the in-memory folds
         (on a device: kernel time from events, folds and launches the rest)."""
         dev = self.device_seconds()
-        compute = self.compute if dev is None else dev
+        kernel, held = _covered(self._kernel), _covered(self._held)
+        compute = kernel if dev is None else dev
         self.ctx.stages.add(
             read=read,
             compute=compute,
-            queue=wait + self.guarded - self.compute,
-            fold=max(0.0, tree - self.guarded) if dev is None else max(0.0, tree - dev),
+            queue=wait + held - kernel,
+            fold=max(0.0, tree - held) if dev is None else max(0.0, tree - dev),
             write=write,
             **extra,
         )
@@ -148,3 +155,13 @@ class Leaves:
 
 
 __all__ = ["Leaves"]
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of the intervals."""
+    total, end = 0.0, float("-inf")
+    for a, z in sorted(spans):
+        if z > end:
+            total += z - max(a, end)
+            end = z
+    return total
