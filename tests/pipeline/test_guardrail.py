@@ -151,3 +151,62 @@ def test_host_allocation_failure_is_out_of_memory_on_cpu():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         g.run("u", (1, broken), (1, lambda: "divided"))
+
+
+def _record_at_once(monkeypatch) -> list:  # noqa: ANN001
+    from streamcqsa.pipeline.context import Context
+
+    seen, orig = [], Context.leaves_at_once.fget
+
+    def record(self):  # noqa: ANN001, ANN202
+        seen.append(orig(self))
+        return seen[-1]
+
+    monkeypatch.setattr(Context, "leaves_at_once", property(record))
+    return seen
+
+
+def test_cpu_leaves_at_once_fall_back_to_blocks_on_a_failed_allocation(
+    stores, tmp_path, monkeypatch
+):
+    """With no memory budget a CPU unit runs its leaves at once, as the
+    engine does; a leaf whose allocation fails (a real failure, not the
+    injected OOM, which makes leaves go one at a time) reruns block by
+    block, and the stored bits are the plain pass's."""
+    from streamcqsa.pipeline import leaves as leaves_mod
+
+    base, ref, dout = stores
+    path = tmp_path / "s"
+    shutil.copytree(base / "src", path)
+    real, failed, lock = leaves_mod.task_forward, [], threading.Lock()
+
+    def tight(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        with lock:
+            fail = kw.get("block_device") is None and len(failed) < 2
+            if fail:
+                failed.append(1)
+        if fail:
+            raise MemoryError("injected: the host could not allocate")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(leaves_mod, "task_forward", tight)
+    seen = _record_at_once(monkeypatch)
+    stats = run(path, itr=2, progress=False, head_group=1)
+    events = [e["event"] for e in stats["guardrail"]["events"]]
+    assert events == ["divide", "divide"], events
+    assert seen and all(seen), "the leaves did not run at once"
+    ga, gb = zarr.open_group(ref, mode="r"), zarr.open_group(path, mode="r")
+    for n in ("out", "lse"):
+        assert np.array_equal(ga[n][:], gb[n][:]), n
+
+
+def test_leaves_go_one_at_a_time_under_a_memory_budget(stores, tmp_path, monkeypatch):
+    base, ref, dout = stores
+    path = tmp_path / "s"
+    shutil.copytree(base / "src", path)
+    seen = _record_at_once(monkeypatch)
+    run(path, itr=2, progress=False, head_group=1, device_memory=1 << 30)
+    assert seen and not any(seen)
+    _same_fwd = zarr.open_group(ref, mode="r"), zarr.open_group(path, mode="r")
+    for n in ("out", "lse"):
+        assert np.array_equal(_same_fwd[0][n][:], _same_fwd[1][n][:]), n
