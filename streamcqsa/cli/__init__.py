@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         resume = "; rerun to resume" if args.command in ("run", "backward") else ""
         print(f"\nstreamcqsa {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
-    except (StreamCQSAError, ValueError, TypeError, OSError) as e:
+    except (StreamCQSAError, ValueError, TypeError, OSError, ImportError) as e:
         print(f"streamcqsa {args.command}: error: {cli_message(str(e))}", file=sys.stderr)
-        return 2 if isinstance(e, (ValueError, TypeError)) else 1
+        return 2 if isinstance(e, (ValueError, TypeError, ImportError)) else 1
 
 
 __all__ = ["cli_message", "main", "parser"]

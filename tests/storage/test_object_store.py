@@ -246,6 +246,11 @@ def test_the_cli_takes_urls_and_storage_options(s3, url, capsys):
     assert '"fwd"' in capsys.readouterr().out
     assert main(["status", url]) == 2  # without its endpoint and keys it is not reachable
     assert f"cannot reach {url}" in capsys.readouterr().err
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is None:  # a missing backend is named, not a traceback
+        assert main(["status", "gs://bucket/run.zarr"]) == 2
+        assert "need gcsfs: pip install gcsfs" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["run", url, "--storage-option", "novalue"])
     assert e.value.code == 2
