@@ -225,7 +225,9 @@ def choose_units(
     return plan.itr, head_group
 
 
-def peak_disk(output_bytes: int, accumulator_bytes: int, final_bytes: int = 0) -> int:
+def peak_disk(
+    output_bytes: int, accumulator_bytes: int, final_bytes: int = 0, replace_bytes: int = 0
+) -> int:
     """New disk a pass holds at its peak (dout and kept partials aside).
 
     Units fold into the accumulator; each final then writes one chunk's
@@ -234,11 +236,14 @@ def peak_disk(output_bytes: int, accumulator_bytes: int, final_bytes: int = 0) -
     counter), so stored accumulator chunks plus finished outputs never
     exceed the whole accumulator, save the outputs of the finals in flight
     (``final_bytes``: one chunk's outputs times the finals that may run at
-    once). A pass whose unit is the whole group writes its outputs only.
+    once), and the chunks being rewritten (``replace_bytes``: a fold writes
+    an accumulator chunk's new version beside the old one and then renames
+    it over, so each writer at once holds one chunk twice). A pass whose
+    unit is the whole group writes its outputs only.
     """
     if not accumulator_bytes:
         return output_bytes
-    return max(accumulator_bytes + final_bytes, output_bytes)
+    return max(accumulator_bytes + final_bytes + replace_bytes, output_bytes)
 
 
 __all__ = [

@@ -92,12 +92,14 @@ def disk_needs(
     if new_dout:
         item = 2 if stored_dtype(p.dtype) in ("float16", "uint16") else 4
         out["dout_bytes"] = p.batch * p.heads * lay.chunks * lay.chunk * p.head_dim * item
-    finals = p.batch * lay.groups * lay.chunks
+    finals = p.batch * lay.groups * lay.chunks  # also the accumulator's chunks
     per_final = -(-outputs // finals) if finals else 0
+    per_acc = -(-out["accumulator_bytes"] // finals) if finals else 0
+    writers = max(1, in_flight)
     out["peak_bytes"] = (
         out["dout_bytes"]
         + out["kept_bytes"]
-        + peak_disk(outputs, out["accumulator_bytes"], per_final * max(1, in_flight))
+        + peak_disk(outputs, out["accumulator_bytes"], per_final * writers, per_acc * writers)
     )
     have = 0
     if location is not None and location.named:
