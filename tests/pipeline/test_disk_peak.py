@@ -2,7 +2,8 @@
 
 A pass refuses to start when its predicted peak exceeds the free space
 (``DiskFullError``), so the prediction must hold: the store's growth,
-measured after every file write of the pass, peaks within 10% of
+measured after every file write of the pass and before every rename (a
+rewrite's new version beside its old one), peaks within 10% of
 ``stats["disk"]["peak_bytes"]`` and never above it.
 """
 
@@ -30,17 +31,25 @@ def _du(path: Path) -> int:
 
 
 class _Peak:
-    """The store's largest size, sampled after each chunk file write."""
+    """The store's largest size, sampled after each chunk file write and just
+    before each rename over an existing file (when the new version lies
+    beside the old one: the transient a rewrite holds)."""
 
     def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.path, self.peak = path, 0
-        write = chunkio._write_file
+        write, replace = chunkio._write_file, os.replace
 
         def sampled(target, pieces):  # noqa: ANN001, ANN202
             write(target, pieces)
             self.peak = max(self.peak, _du(self.path))
 
+        def replacing(src, dst, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if str(dst).startswith(str(self.path)):
+                self.peak = max(self.peak, _du(self.path))
+            return replace(src, dst, *a, **kw)
+
         monkeypatch.setattr(chunkio, "_write_file", sampled)
+        monkeypatch.setattr(os, "replace", replacing)
 
     def start(self) -> int:
         self.peak = base = _du(self.path)
