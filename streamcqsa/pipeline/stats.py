@@ -95,11 +95,18 @@ def disk_needs(
     finals = p.batch * lay.groups * lay.chunks  # also the accumulator's chunks
     per_final = -(-outputs // finals) if finals else 0
     per_acc = -(-out["accumulator_bytes"] // finals) if finals else 0
-    writers = max(1, in_flight)
+    # a fold piece rewrites up to a shard's chunks at once; ``in_flight`` run at once
+    writers = max(1, in_flight) * (lay.fold.shard_chunks if out["accumulator_bytes"] else 1)
+    out["rewrite_bytes"] = per_acc * writers if out["accumulator_bytes"] else 0
     out["peak_bytes"] = (
         out["dout_bytes"]
         + out["kept_bytes"]
-        + peak_disk(outputs, out["accumulator_bytes"], per_final * writers, per_acc * writers)
+        + peak_disk(
+            outputs,
+            out["accumulator_bytes"],
+            per_final * max(1, in_flight),
+            per_acc * writers,
+        )
     )
     have = 0
     if location is not None and location.named:
