@@ -48,6 +48,9 @@ def block_bytes(blocks: BlockList, heads: int, kv_heads: int, head_dim: int, ite
 INJECT_OOM: Callable[[str, int], bool] | None = None
 
 
+_OOM = object()  # ``Guardrail._attempt``: the device ran out of memory
+
+
 @dataclass(kw_only=True)
 class Guardrail:
     """Shared by the tasks of one process and device."""
@@ -104,60 +107,62 @@ class Guardrail:
         *,
         gate: bool = True,
     ) -> Any:
-        """Run ``whole`` (bytes, fn); on OOM requeue, shrink n_cap, then divide."""
+        """Run ``whole`` (bytes, fn); on OOM requeue, shrink n_cap, then divide.
+
+        ``gate=False``: the caller's own threads bound what runs at once (a CPU
+        unit's leaves at once), so no device slot is taken, and an OOM goes
+        straight to block by block."""
         nbytes, fn = whole
         if not gate:
-            try:
-                self._reserve(name, nbytes, self.n_cap)
-                try:
-                    return fn()
-                finally:
-                    self._release(nbytes)
-            except BaseException as e:
-                if not self.device.is_oom(e):
-                    raise
-            self.device.empty_cache()
-            self.events.append({"task": name, "event": "divide", "n_cap": self.n_cap})
-            nbytes, fn = divided
-            self._reserve(name, nbytes, 1, divided=True)
-            try:
-                return fn()
-            finally:
-                self._release(nbytes)
-        while True:
+            got = self._attempt(name, nbytes, self.n_cap, fn)
+            if got is not _OOM:
+                return got
+        while gate:
             with self._cond:
                 while self._resident >= self.n_cap:
                     self._cond.wait()
                 cap = self.n_cap
                 self._resident += 1
             try:
-                self._reserve(name, nbytes, cap)
-                try:
-                    return fn()
-                finally:
-                    self._release(nbytes)
-            except BaseException as e:
-                if not self.device.is_oom(e):
-                    raise
+                got = self._attempt(name, nbytes, cap, fn)
             finally:
                 with self._cond:
                     self._resident -= 1
                     self._cond.notify_all()
-            self.device.empty_cache()
+            if got is not _OOM:
+                return got
             with self._cond:  # evicted: requeue with one task fewer resident
                 if self.n_cap > 1:
                     self.n_cap -= 1
                     self.events.append({"task": name, "event": "oom", "n_cap": self.n_cap})
                     continue
-            self.events.append({"task": name, "event": "divide", "n_cap": 1})
-            return self._run_divided(name, divided)
+            break
+        self.events.append({"task": name, "event": "divide", "n_cap": self.n_cap})
+        return self._run_divided(name, divided, gate=gate)
 
-    def _run_divided(self, name: str, divided: tuple[int, Callable[[], Any]]) -> Any:
+    def _attempt(self, name: str, nbytes: int, cap: int, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with ``nbytes`` reserved, or ``_OOM`` if the device ran out."""
+        try:
+            self._reserve(name, nbytes, cap)
+            try:
+                return fn()
+            finally:
+                self._release(nbytes)
+        except BaseException as e:
+            if not self.device.is_oom(e):
+                raise
+        self.device.empty_cache()
+        return _OOM
+
+    def _run_divided(
+        self, name: str, divided: tuple[int, Callable[[], Any]], *, gate: bool = True
+    ) -> Any:
         nbytes, fn = divided
-        with self._cond:
-            while self._resident >= 1:
-                self._cond.wait()
-            self._resident += 1
+        if gate:
+            with self._cond:
+                while self._resident >= 1:
+                    self._cond.wait()
+                self._resident += 1
         try:
             try:
                 self._reserve(name, nbytes, 1, divided=True)
@@ -173,9 +178,10 @@ class Guardrail:
             finally:
                 self._release(nbytes)
         finally:
-            with self._cond:
-                self._resident -= 1
-                self._cond.notify_all()
+            if gate:
+                with self._cond:
+                    self._resident -= 1
+                    self._cond.notify_all()
 
     def _reserve(self, name: str, nbytes: int, cap: int, divided: bool = False) -> None:
         if self.inject is not None and not divided and self.inject(name, cap):
