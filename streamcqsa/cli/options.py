@@ -143,3 +143,38 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
         "(repeatable; e.g. endpoint_url=http://host:9000 or anon=true; values are "
         "strings but for true, false, null and JSON {...} or [...])",
     )
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _add_problem(
+    s: argparse.ArgumentParser, *, seq_len: int | None, heads: int = 8, kv_heads: int | None = None
+) -> None:
+    """The attention problem's shape, as [B, H, L, D] with GQA kv heads; the
+    dtype and causal flags differ per command and are added there."""
+    if seq_len is None:
+        s.add_argument("--seq-len", type=_count, required=True, help="tokens L (1e9 works)")
+    else:
+        s.add_argument("--seq-len", type=_count, default=seq_len, help="tokens L (1e9 works)")
+    s.add_argument("--heads", type=_count, default=heads, help="query heads H")
+    s.add_argument(
+        "--kv-heads",
+        type=_count,
+        default=kv_heads,
+        help="key/value heads, dividing --heads (GQA; default: "
+        + ("--heads)" if kv_heads is None else f"{kv_heads})"),
+    )
+    s.add_argument("--head-dim", type=_count, default=64, help="head dimension D")
+    s.add_argument("--batch", type=_count, default=1, help="batch size B")
+
+
+def _add_budgets(s: argparse.ArgumentParser) -> None:
+    """The memory a plan is sized for (on the machine that will run it)."""
+    s.add_argument(
+        "--device-memory", type=_bytes, default="80GiB", help="memory per device, e.g. 80GiB"
+    )
+    s.add_argument(
+        "--host-memory", type=_bytes, default="64GiB", help="host memory for staging and units"
+    )
+    s.add_argument("--quorum", type=int, default=3, help="quorum size k of each level")

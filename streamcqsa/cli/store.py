@@ -217,13 +217,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
             heads=a.heads,
             head_dim=a.head_dim,
             kv_heads=a.kv_heads,
+            batch=a.batch,
             dtype=a.dtype,
             is_causal=a.causal,
             seed=a.seed,
             overwrite=True,
         )
         print(
-            f"store: {path} (B=1 H={a.heads} Hkv={a.kv_heads} L={a.seq_len} "
+            f"store: {path} (B={a.batch} H={a.heads} Hkv={a.kv_heads} L={a.seq_len} "
             f"D={a.head_dim} {a.dtype}, causal={a.causal})"
         )
         stats = run(path, itr=a.itr, progress=not a.no_progress)

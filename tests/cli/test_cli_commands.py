@@ -13,6 +13,22 @@ import pytest
 from streamcqsa.cli import main
 
 
+def test_every_option_says_what_it_does():
+    import argparse
+
+    from streamcqsa.cli.parser import parser
+
+    subs = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [
+        f"{name} {opt.option_strings or opt.dest}"
+        for name, sub in subs.choices.items()
+        for opt in sub._actions
+        if not opt.help
+    ]
+    assert not silent, silent
+    assert len(subs.choices) == 9
+
+
 def test_help_and_roundtrip(tmp_path, capsys):
     res = subprocess.run(
         [sys.executable, "-m", "streamcqsa.cli", "--help"],
