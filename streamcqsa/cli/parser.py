@@ -13,7 +13,6 @@ from streamcqsa.cli.options import (
     _add_problem,
     _add_store,
     _add_unit_depth,
-    _bytes,
     _count,
     _itr,
     _positive,
