@@ -64,7 +64,7 @@ def run_piece(ctx: Context, unit: Unit, j: int, part: tuple[torch.Tensor, ...], 
         if Accumulator.counter(data) >= i:
             continue  # folded before an interruption
         t = torch.from_numpy(data).to(where)  # the same memory on the host
-        views = acc.views(t)
+        views = acc.views(t, c)
         base = c * lay.chunk
         for a, n, off in fold.chunk_runs(i, c):
             rows = slice(a - base, a - base + n)
@@ -96,7 +96,7 @@ def run_final(ctx: Context, unit: Unit, *_deps: Any) -> int:
     acc = arrays.acc
     c = unit.piece
     data = _chunk(ctx, acc, unit, c, len(ctx.layout.fold.units))
-    views = acc.views(torch.from_numpy(data))
+    views = acc.views(torch.from_numpy(data), c)
     for name, x in zip(partial_names(ctx.kind), views, strict=True):
         arrays.write_output(name, unit.b, unit.g, c * ctx.layout.chunk, x.contiguous())
     arrays.mark(unit)

@@ -28,7 +28,9 @@ from streamcqsa.cqs.plan import Node, Plan
 from streamcqsa.storage.layout import GRADS, Problem
 
 FWD, BWD = "fwd", "bwd"
-FOLD = "accumulate"  # the fold rule recorded with a pass's plan (see ``Layout.describe``)
+# The fold rule and accumulator layout, recorded with a pass's plan (see
+# ``Layout.describe``): a pass started under another layout is not resumed.
+FOLD = "accumulate-2"
 
 
 def partial_names(kind: str) -> tuple[str, ...]:
@@ -190,9 +192,8 @@ class Layout:
         """Disk of the pass's accumulator (none when units write the outputs)."""
         if self.direct:
             return 0
-        p = self.problem
-        rows = self.chunks * self.chunk
-        return p.batch * rows * (self.row_bytes(kind) + self.groups * 4)  # + counters
+        p = self.problem  # each chunk of each group: its rows and one counter
+        return p.batch * self.chunks * (self.chunk * self.row_bytes(kind) + self.groups * 4)
 
     def describe(self) -> dict[str, Any]:
         return {
