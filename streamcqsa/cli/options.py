@@ -178,3 +178,16 @@ def _add_budgets(s: argparse.ArgumentParser) -> None:
         "--host-memory", type=_bytes, default="64GiB", help="host memory for staging and units"
     )
     s.add_argument("--quorum", type=int, default=3, help="quorum size k of each level")
+
+
+OVERLAP_IO = {"auto": None, "on": True, "off": False}
+
+
+def _add_overlap_io(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--overlap-io",
+        choices=tuple(OVERLAP_IO),
+        default="auto",
+        help="units read ahead and write back on threads of their own: 'auto' on a GPU "
+        "or with a spare core, 'on' for slow storage",
+    )

@@ -10,6 +10,7 @@ from streamcqsa.cli.options import (
     DTYPES,
     _add_budgets,
     _add_device_args,
+    _add_overlap_io,
     _add_problem,
     _add_store,
     _add_unit_depth,
@@ -102,13 +103,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--head-group", type=_count, default=None, help="kv heads per unit")
     _add_unit_depth(s)
     _add_device_args(s)
-    s.add_argument(
-        "--overlap-io",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="units read ahead and write back on threads of their own: 'auto' on a GPU "
-        "or with a spare core, 'on' for slow storage",
-    )
+    _add_overlap_io(s)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_run)
 
@@ -128,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _add_unit_depth(s)
     _add_device_args(s)
+    _add_overlap_io(s)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_backward)
 

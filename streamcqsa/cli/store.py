@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from streamcqsa.cli.options import _device_args, _human
+from streamcqsa.cli.options import OVERLAP_IO, _device_args, _human
 
 
 def cmd_init(a: argparse.Namespace) -> int:
@@ -102,7 +102,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         restart=a.restart,
         unit_depth=a.unit_depth,
         head_group=a.head_group,
-        overlap_io={"auto": None, "on": True, "off": False}[a.overlap_io],
+        overlap_io=OVERLAP_IO[a.overlap_io],
         **_device_args(a),
     )
     _print_stats(stats)
@@ -134,6 +134,7 @@ def cmd_backward(a: argparse.Namespace) -> int:
         progress=not a.no_progress,
         restart=a.restart,
         unit_depth=a.unit_depth,
+        overlap_io=OVERLAP_IO[a.overlap_io],
         **_device_args(a),
     )
     _print_stats(stats)

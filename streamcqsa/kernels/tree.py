@@ -183,15 +183,17 @@ def backward_tree(
     dtype: torch.dtype,
     *,
     base: Node | None = None,
+    before: Callable[[Node], None] | None = None,
     workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Partial (dq, dk, dv) of ``node``; ``xs`` = (q, k, v, dout, out, lse) of ``base``.
 
     Buffers as in ``forward_tree``: ``leaf(node, *xs, workspace=)``, and
-    ``node``'s own gradients are lent from ``workspace`` only if one is given."""
+    ``node``'s own gradients are lent from ``workspace`` only if one is given.
+    ``before(leaf)`` runs before each leaf reads its tokens, as there."""
     base = node if base is None else base
     ws = Workspace() if workspace is None else workspace
-    return _backward(plan, node, xs, leaf, dtype, base, ws, workspace is not None)
+    return _backward(plan, node, xs, leaf, dtype, base, ws, workspace is not None, before)
 
 
 def _backward(
@@ -203,6 +205,7 @@ def _backward(
     base: Node,
     ws: Workspace,
     lend_base: bool,
+    before: Callable[[Node], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient partials add, so each child is added into the node's rows as
     soon as it is done and then freed: the same adds in the same order as
@@ -210,6 +213,8 @@ def _backward(
     in child order), so the same bits, holding one child at a time."""
     lend = ws if lend_base or node is not base else None
     if node.is_leaf:
+        if before is not None:
+            before(node)
         runs = plan.local_runs(node, base)
         (rows, keys), (xrows, xkeys) = plan.used_ranges(node), plan.crossing_ranges(node)
         q, k, v, dout, out, lse = xs
@@ -250,7 +255,7 @@ def _backward(
     for group in leaf_groups(kids, xs[0].device, xs[0].shape[0] * xs[0].shape[1]):
         threads.run_in_order(
             [
-                functools.partial(_backward, plan, c, xs, leaf, dtype, base, ws, lend_base)
+                functools.partial(_backward, plan, c, xs, leaf, dtype, base, ws, lend_base, before)
                 for c in group
             ],
             lambda i, part, group=group: add(group[i], part),

@@ -18,6 +18,11 @@ from streamcqsa.storage.units import BWD, FWD
 from streamcqsa.validate import as_itr, as_quorum
 
 
+def _check_overlap(overlap_io: Any) -> None:
+    if overlap_io is not None and not isinstance(overlap_io, bool):
+        raise TypeError(f"overlap_io must be True, False or None, got {overlap_io!r}")
+
+
 def run(
     store_path: Any,
     itr: int | str = 3,
@@ -73,8 +78,7 @@ def run(
     ``storage_options`` as zarr and fsspec take them) or a zarr store object.
     """
     store_path = Location.of(store_path, storage_options)
-    if overlap_io is not None and not isinstance(overlap_io, bool):
-        raise TypeError(f"overlap_io must be True, False or None, got {overlap_io!r}")
+    _check_overlap(overlap_io)
     if not (isinstance(itr, str) and itr == "auto"):
         try:
             itr = as_itr(itr)
@@ -108,6 +112,7 @@ def run_backward(
     check_inputs: bool = True,
     n_cap: int | None = None,
     device_memory: int | None = None,
+    overlap_io: bool | None = None,
     storage_options: dict | None = None,
 ) -> RunStats:
     """Exact dq, dk, dv into the store, from ``dout`` and the stored forward.
@@ -119,10 +124,12 @@ def run_backward(
     finished one as it is; a different dout replaces the stored one and the
     backward starts over (logged, and ``stats["restarted"]``). Without
     ``dout`` the store must already hold a complete one. Uses the forward's
-    plan and head group; ``unit_depth``, ``task_bytes`` and ``keep_partials``
-    work as in ``run``, and so do URLs with ``storage_options``.
+    plan and head group; ``unit_depth``, ``task_bytes``, ``keep_partials``
+    and ``overlap_io`` (a unit's inputs read ahead of its leaves) work as in
+    ``run``, and so do URLs with ``storage_options``.
     """
     store_path = Location.of(store_path, storage_options)
+    _check_overlap(overlap_io)
     a = check_args(store_path, {**locals(), "head_group": None})
     _, problem, meta = open_group(store_path)
     fwd = meta.get(FWD)
@@ -142,7 +149,7 @@ def run_backward(
         )
     plan = fwd["plan"]
     a["head_group"] = plan["head_group"]
-    guard = {"n_cap": a["n_cap"], "budget_bytes": a["device_memory"]}
+    guard = {"n_cap": a["n_cap"], "budget_bytes": a["device_memory"], "overlap_io": overlap_io}
     p = Pass(
         store_path,
         BWD,

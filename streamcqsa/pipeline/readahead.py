@@ -89,7 +89,7 @@ class ReadAhead:
         node: Node,
         sources: Sequence[tuple[Any, slice]],  # (zarr array, heads)
         batch: int,
-        dtype_name: str,
+        dtype_name: str | Sequence[str],  # the sources' logical dtype, or one per source
         chunk: int,
         device: torch.device | None = None,
         stream: Any = None,  # the copy stream (default: a new one)
@@ -97,16 +97,22 @@ class ReadAhead:
         cut = pieces(node, chunk)
         self._order, self._need = schedule(plan, node, cut)
         self._cut, self._sources, self._b = cut, list(sources), batch
-        np_dtype = np.dtype(stored_dtype(dtype_name))
+        names = [dtype_name] * len(sources) if isinstance(dtype_name, str) else list(dtype_name)
         shapes = [(1, h.stop - h.start, node.length, *arr.shape[3:]) for arr, h in self._sources]
         self._copy: DeviceCopy | None = None
         if device is None:
-            self._buffers = [np.empty(shape, dtype=np_dtype) for shape in shapes]
-            self.tensors = tuple(to_torch(buf, dtype_name) for buf in self._buffers)
-        else:
-            self._copy = DeviceCopy(device, dtype_name, len(shapes), stream)
+            self._buffers = [
+                np.empty(shape, dtype=np.dtype(stored_dtype(n)))
+                for shape, n in zip(shapes, names, strict=True)
+            ]
             self.tensors = tuple(
-                torch.empty(shape, dtype=torch_dtype(dtype_name), device=device) for shape in shapes
+                to_torch(buf, n) for buf, n in zip(self._buffers, names, strict=True)
+            )
+        else:
+            self._copy = DeviceCopy(device, names, len(shapes), stream)
+            self.tensors = tuple(
+                torch.empty(shape, dtype=torch_dtype(n), device=device)
+                for shape, n in zip(shapes, names, strict=True)
             )
             self._copy.adopt(self.tensors)
         self._done = 0
@@ -235,13 +241,18 @@ class DeviceCopy:
     """
 
     def __init__(
-        self, device: torch.device, dtype_name: str, per_source: int, stream: Any = None
+        self,
+        device: torch.device,
+        dtype_name: str | Sequence[str],  # one for all sources, or one per source
+        per_source: int,
+        stream: Any = None,
     ) -> None:
         self.dev = Device.of(device)
         self.device = self.dev.device
         self.stream = stream if stream is not None else self.dev.stream()
-        self._dtype = torch_dtype(dtype_name)
-        self._np = np.dtype(stored_dtype(dtype_name))
+        names = [dtype_name] * per_source if isinstance(dtype_name, str) else list(dtype_name)
+        self._dtypes = [torch_dtype(n) for n in names]
+        self._nps = [np.dtype(stored_dtype(n)) for n in names]
         self._rings: list[list[_Slot]] = [[] for _ in range(per_source)]
         self._turn = [0] * per_source
         self._marks: dict[int, Any] = {}
@@ -254,7 +265,7 @@ class DeviceCopy:
 
     def slot(self, source: int, shape: tuple[int, ...]) -> _Staged:
         """A free staging buffer (pinned on CUDA) for one piece of one source."""
-        nbytes = int(np.prod(shape)) * self._np.itemsize
+        nbytes = int(np.prod(shape)) * self._nps[source].itemsize
         ring = self._rings[source]
         if len(ring) < WINDOW + 1:  # a slot is reused only after its piece was sent
             ring.append(_Slot(nbytes, self.dev.pins_host))
@@ -264,7 +275,7 @@ class DeviceCopy:
             slot.event.synchronize()  # its previous copy has left it
         if slot.raw.numel() < nbytes:
             slot = ring[i] = _Slot(nbytes, self.dev.pins_host)
-        return slot.view(shape, self._dtype, self._np)
+        return slot.view(shape, self._dtypes[source], self._nps[source])
 
     def send(self, source: int, host: _Staged, dst: torch.Tensor) -> None:
         with self.dev.using(self.stream):

@@ -215,10 +215,12 @@ def _backward(ctx: Context, unit: Unit) -> Partial:
 
 
 def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
-    """A backward unit: its inputs read (on the host) or staged a store chunk
-    at a time (to the device, ``_staged``); its gradients summed where it is
-    held, returned on the host. Gradient sums are elementwise adds, so the
-    bits do not depend on where."""
+    """A backward unit: its inputs read ahead piece by piece while its first
+    leaves compute (where units overlap I/O, as the forward's), else read
+    whole on the host or staged a store chunk at a time to the device
+    (``_staged``); its gradients summed where it is held, returned on the
+    host. Gradient sums are elementwise adds, so the bits do not depend on
+    where."""
     lay, arrays = ctx.layout, ctx.arrays
     p = lay.problem
     node = lay.plan.by_path[unit.node]
@@ -228,17 +230,31 @@ def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
     ws = Workspace()
     alloc = functools.partial(ws.empty, device="cpu")
     names = ("q", "k", "v", "dout", "out", "lse")
-    h2d = d2h = 0.0
-    if on_device:
+    heads = [kh if n in ("k", "v") else qh for n in names]
+    h2d = d2h = waited = 0.0
+    reader = None
+    if overlaps_io(ctx) and not node.is_leaf:
+        reader = ReadAhead(
+            lay.plan,
+            node,
+            [(arrays.array(n), h) for n, h in zip(names, heads, strict=True)],
+            unit.b,
+            [p.dtype] * 5 + ["float32"],  # lse is stored in fp32
+            lay.chunk,
+            device=ctx.torch_device if on_device else None,
+            stream=ctx.runtime.stream("h2d") if on_device else None,
+        )
+        xs = reader.tensors
+    elif on_device:
         staged = [
-            _staged(ctx, n, unit.b, kh if n in ("k", "v") else qh, node.runs, ws) for n in names
+            _staged(ctx, n, unit.b, h, node.runs, ws) for n, h in zip(names, heads, strict=True)
         ]
         xs = tuple(x for x, _ in staged)
         h2d = sum(t for _, t in staged)
     else:
         xs = tuple(
-            read_runs(arrays, n, unit.b, kh if n in ("k", "v") else qh, node.runs, p, alloc)
-            for n in names
+            read_runs(arrays, n, unit.b, h, node.runs, p, alloc)
+            for n, h in zip(names, heads, strict=True)
         )
     t1 = time.perf_counter()
     leaves = Leaves(ctx, unit, dt, on_device=on_device)
@@ -247,10 +263,21 @@ def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
     def compute(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         nonlocal ts
         ts = time.perf_counter()
-        return backward_tree(lay.plan, node, xs, leaves.backward, dt)
+        before = None if reader is None else reader.wait
+        return backward_tree(lay.plan, node, xs, leaves.backward, dt, before=before)
 
-    grads = ctx.compute(functools.partial(compute, xs))
-    if not on_device:
+    try:
+        grads = ctx.compute(functools.partial(compute, xs))
+    except BaseException:
+        if reader is not None:
+            reader.finish(failed=True)
+        raise
+    read_s = t1 - t0 - h2d
+    if reader is not None:
+        reader.finish()
+        read_s, waited, h2d = reader.read_s, reader.waited_s, reader.h2d_s
+        ts += waited  # time spent waiting for rows is read time, not compute
+    elif not on_device:
         ws.release(*xs)
     del xs
     t2 = time.perf_counter()
@@ -258,7 +285,7 @@ def _backward_unit(ctx: Context, unit: Unit, *, on_device: bool) -> Partial:
         grads = tuple(g.cpu() for g in grads)  # the fold and the writes read them
         d2h = time.perf_counter() - t2
     extra = {"h2d": h2d, "d2h": d2h} if on_device else {}
-    leaves.add_stages(t1 - t0 - h2d, ts - t1, t2 - ts, 0.0, **extra)
+    leaves.add_stages(read_s, ts - t1 - waited, t2 - ts, 0.0, **extra)
     return grads
 
 

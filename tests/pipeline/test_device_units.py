@@ -93,23 +93,33 @@ def test_unit_allocation_oom_lowers_n_cap_then_holds_the_unit_on_the_host(
     assert report["ok"], report
 
 
-@pytest.mark.parametrize(("itr", "unit_depth"), [(2, 0), (3, 1)])
-def test_backward_units_on_the_device_keep_the_bits(stores, tmp_path, monkeypatch, itr, unit_depth):
-    """A backward unit held on the device (inputs copied there once, leaf
-    gradients summed there, the unit's gradients copied back): the bits of a
-    backward held on the host, whose sums are the same elementwise adds."""
+@pytest.mark.parametrize(
+    ("itr", "unit_depth", "held", "overlap"),
+    [(2, 0, True, False), (3, 1, True, False), (2, 0, True, True), (3, 1, False, True)],
+    ids=["staged-d0", "staged-d1", "readahead-held", "readahead-host"],
+)
+def test_backward_units_keep_the_bits(
+    stores, tmp_path, monkeypatch, itr, unit_depth, held, overlap
+):
+    """A backward unit held on the device (inputs copied there, leaf
+    gradients summed there, the unit's gradients copied back), or one whose
+    inputs are read ahead piece by piece while its first leaves compute:
+    the bits of a plain backward on the host, whose sums are the same
+    elementwise adds."""
     import torch
 
     from streamcqsa.pipeline import run_backward
 
-    plain, held = tmp_path / "plain", tmp_path / "held"
+    plain, other = tmp_path / "plain", tmp_path / "other"
     shutil.copytree(stores / "bfloat16", plain)
-    shutil.copytree(stores / "bfloat16", held)
+    shutil.copytree(stores / "bfloat16", other)
     dout = torch.randn(1, 4, 1500, 16, generator=torch.Generator().manual_seed(9)).bfloat16()
-    for path in (plain, held):
+    for path in (plain, other):
         run(path, itr=itr, progress=False, unit_depth=unit_depth, head_group=1)
-    run_backward(plain, dout, progress=False, unit_depth=unit_depth)
-    monkeypatch.setattr(Device, "folds_on_device", property(lambda self: True))
+    run_backward(plain, dout, progress=False, unit_depth=unit_depth, overlap_io=False)
+    if held:
+        monkeypatch.setattr(Device, "folds_on_device", property(lambda self: True))
+    from streamcqsa.pipeline import readahead
     from streamcqsa.pipeline import unit as unit_mod
 
     real, rows = unit_mod.read_runs, []
@@ -119,10 +129,18 @@ def test_backward_units_on_the_device_keep_the_bits(stores, tmp_path, monkeypatc
         return real(arrays, name, b, heads, runs, *a)
 
     monkeypatch.setattr(unit_mod, "read_runs", counted)
-    stats = run_backward(held, dout, progress=False, unit_depth=unit_depth)
-    assert {"h2d", "d2h"} <= stats["stages"].keys(), stats["stages"]  # held on the "device"
-    # staged to the device a store chunk at a time: host memory bounded by a chunk
-    assert rows and max(rows) <= 128, max(rows)
-    a, b = zarr.open_group(plain, mode="r"), zarr.open_group(held, mode="r")
+    waits = []
+    wait = readahead.ReadAhead.wait
+    monkeypatch.setattr(
+        readahead.ReadAhead, "wait", lambda self, leaf: (waits.append(leaf), wait(self, leaf))
+    )
+    stats = run_backward(other, dout, progress=False, unit_depth=unit_depth, overlap_io=overlap)
+    if held:
+        assert {"h2d", "d2h"} <= stats["stages"].keys(), stats["stages"]  # on the "device"
+    if overlap:  # each leaf waited only for its own pieces
+        assert waits and not rows
+    else:  # staged to the device a store chunk at a time: host memory bounded by a chunk
+        assert rows and max(rows) <= 128 and not waits, rows
+    a, b = zarr.open_group(plain, mode="r"), zarr.open_group(other, mode="r")
     for name in ("dq", "dk", "dv"):
         assert np.array_equal(a[name][:], b[name][:]), name
