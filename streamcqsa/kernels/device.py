@@ -23,10 +23,13 @@ The rules it holds:
 - Timing uses CUDA events on the device's current stream (reading the
   figure waits for that stream, nothing else) and ``perf_counter`` on CPU.
 - Streams and events: on CUDA, copies and writes run on streams of their
-  own, ordered by events. On CPU nothing is queued, so ``stream()`` is None,
-  ``using(None)`` does nothing, an event is complete when recorded (it keeps
-  its host time, for spans) and waiting on it returns at once. Code written
-  against these calls runs the same bookkeeping on both, synchronously on CPU.
+  own, ordered by events, and each compute slot computes on a stream of its
+  own (``run_on``), so units resident at once overlap, and a Dask thread's
+  copy of one unit's result waits for that unit only. On CPU nothing is
+  queued, so ``stream()`` is None, ``using(None)`` does nothing, an event
+  is complete when recorded (it keeps its host time, for spans) and waiting
+  on it returns at once. Code written against these calls runs the same
+  bookkeeping on both, synchronously on CPU.
 - Host staging buffers are pinned on CUDA (asynchronous copies need it) and
   plain on CPU.
 - Where the folds of a unit living on the device run (its subtree's folds,
@@ -50,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,6 +231,32 @@ class Device:
                 event
             )
 
+    def current_stream(self) -> Any:
+        """The calling thread's current stream on this device; None on CPU."""
+        return torch.cuda.current_stream(self.device) if self.is_cuda else None
+
+    def run_on(self, stream: Any, caller: Any, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with its work queued on ``stream``, handed over from and
+        back to ``caller`` (a stream of the thread that asked for it), as if
+        it had run there: ``stream`` first waits for the work ``caller``
+        queued before (the inputs), ``caller`` then waits for ``fn``'s work
+        (the results), and the tensors returned, allocated on ``stream``, are
+        marked in use on ``caller`` so the allocator does not hand their
+        memory to ``stream`` again while ``caller`` may still read them.
+        With no stream (a CPU) it is ``fn()``."""
+        if stream is None or caller is None:
+            return fn()
+        stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(stream):
+                out = fn()
+        finally:
+            caller.wait_stream(stream)
+        for t in _tensors(out):
+            if t.device == self.device:
+                t.record_stream(caller)
+        return out
+
     def adopt(self, stream: Any, tensors: Any) -> None:
         """Buffers allocated on the current stream become safe to fill on
         ``stream``: it first waits for work queued before they were handed out
@@ -288,6 +318,15 @@ class Device:
         used = torch.cuda.memory_allocated(dev)  # the caller's own tensors stay
         free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - used
         return int(0.4 * max(0, min(allowed - used, free)) / max(1, n_cap))
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors in a result: a tensor, or tuples and lists of them."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, tuple | list):
+        return [t for item in x for t in _tensors(item)]
+    return []
 
 
 class HostEvent:

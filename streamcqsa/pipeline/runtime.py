@@ -68,9 +68,10 @@ class Runtime:
 
     def stream(self, role: str) -> Any:
         """The pass's stream for ``role`` ("h2d": read-ahead copies, "d2h":
-        write-back) in this process, made once and shared by its units
-        (copies in one direction take turns on the device anyway); None
-        where the device queues nothing."""
+        write-back, "compute-<thread>": a compute slot's kernels) in this
+        process, made once and shared by its units (copies in one direction
+        take turns on the device anyway); None where the device queues
+        nothing."""
         with self._lock:
             if role not in self._streams:
                 self._streams[role] = self.guardrail.device.stream()
@@ -86,14 +87,25 @@ class Runtime:
             self._slots, self.progress = None, None
 
     def compute(self, fn: Callable[[], Any], threads: int | None) -> Any:
-        """Run ``fn`` on a compute slot and wait for its result."""
+        """Run ``fn`` on a compute slot and wait for its result.
+
+        On a device that queues work, the slot queues it on its own stream,
+        handed over from and back to the calling thread's (``Device.run_on``)."""
         with self._lock:
             slots = self._slots
             if slots is None:
                 if not self.distributed:
                     raise Cancelled("the pass has ended")
                 slots = self._slots = device_pool(self.device, self.guardrail.n_cap)
-        return slots.call(fn, threads)
+        dev = self.guardrail.device
+        caller = dev.current_stream()
+        if caller is None:
+            return slots.call(fn, threads)
+
+        def on_slot_stream() -> Any:
+            return dev.run_on(self.stream(f"compute-{threading.get_ident()}"), caller, fn)
+
+        return slots.call(on_slot_stream, threads)
 
     def leaf_done(self) -> None:
         update = self.progress

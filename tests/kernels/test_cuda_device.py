@@ -203,6 +203,65 @@ def test_cuda_events_order_streams(monkeypatch, fake_cuda):
     assert fake_cuda.calls == [("wait_stream", side, current), ("in use on", side)]
 
 
+def test_a_compute_slot_stream_is_handed_over_from_and_back_to_the_caller(monkeypatch, fake_cuda):
+    """``run_on``: the slot's stream waits for the caller's work (the inputs),
+    the body queues on the slot's stream, the caller waits for it (even when
+    the body fails), and results are marked in use on the caller's stream.
+    On CPU it is the plain call."""
+    calls = fake_cuda.calls
+
+    class Stream:
+        def __init__(self, name):  # noqa: ANN001
+            self.name = name
+
+        def wait_stream(self, other):  # noqa: ANN001
+            calls.append((self.name, "waits for", other.name))
+
+        def __repr__(self):
+            return self.name
+
+    class On:
+        def __init__(self, s):  # noqa: ANN001
+            self.s = s
+
+        def __enter__(self):
+            calls.append(("enter", self.s.name))
+
+        def __exit__(self, *exc):  # noqa: ANN002
+            calls.append(("exit", self.s.name))
+
+    class Result:
+        device = torch.device("cuda", 1)
+
+        def record_stream(self, s):  # noqa: ANN001
+            calls.append(("result in use on", s.name))
+
+    monkeypatch.setattr(torch.cuda, "stream", On)
+    monkeypatch.setattr(device_mod, "_tensors", lambda out: list(out))
+    slot, caller = Stream("slot"), Stream("caller")
+    cuda = Device.of("cuda:1")
+    out = cuda.run_on(slot, caller, lambda: calls.append(("body",)) or (Result(),))
+    assert len(out) == 1
+    assert calls == [
+        ("slot", "waits for", "caller"),
+        ("enter", "slot"),
+        ("body",),
+        ("exit", "slot"),
+        ("caller", "waits for", "slot"),
+        ("result in use on", "caller"),
+    ]
+    calls.clear()
+
+    def fails():  # noqa: ANN202
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        cuda.run_on(slot, caller, fails)
+    assert calls[-1] == ("caller", "waits for", "slot")
+    assert Device.of("cpu").run_on(None, None, lambda: 7) == 7
+    assert Device.of("cpu").current_stream() is None
+
+
 def test_rules_by_device_type(monkeypatch, fake_cuda):
     cpu, cuda = Device.of("cpu"), Device.of("cuda")
     assert (cpu.default_n_cap, cuda.default_n_cap) == (1, 2)
