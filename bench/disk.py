@@ -8,6 +8,7 @@ peak beside the prediction the pass made before it started
 dq + dk + dv backward). Writes bench/results/disk.md and disk.json.
 
     python bench/disk.py --seq-len 1048576          # the 1M-token shape
+    python bench/disk.py --seq-len 1048576 --task-bytes 268435456   # units at the leaves
     python bench/disk.py --seq-len 131072 --quick   # a few minutes
 """
 
@@ -69,6 +70,9 @@ def main() -> None:
     ap.add_argument("--itr", type=int, default=3)
     ap.add_argument("--every", type=float, default=0.5, help="seconds between samples")
     ap.add_argument("--quick", action="store_true", help="forward only")
+    ap.add_argument(
+        "--task-bytes", type=int, default=None, help="unit memory budget (default: the library's)"
+    )
     ap.add_argument("--dir", default=None, help="where to put the store (default: a temp dir)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
@@ -96,7 +100,7 @@ def main() -> None:
             t = time.perf_counter()
             with Sampler(store / "partials", a.every) as s:
                 if kind == "fwd":
-                    stats = run(store, itr=a.itr, progress=False)
+                    stats = run(store, itr=a.itr, progress=False, task_bytes=a.task_bytes)
                 else:
                     g = np.random.default_rng(1)
                     shape = (1, a.heads, a.seq_len, a.head_dim)
@@ -107,7 +111,7 @@ def main() -> None:
                         dout = torch.from_numpy(dout).bfloat16()
                     else:
                         dout = dout.astype(a.dtype)
-                    stats = run_backward(store, dout, progress=False)
+                    stats = run_backward(store, dout, progress=False, task_bytes=a.task_bytes)
             out_bytes = sum(du(store / n) for n in outs)
             pred = stats["disk"]["accumulator_bytes"] + stats["disk"]["kept_bytes"]
             rows.append(
@@ -117,6 +121,7 @@ def main() -> None:
                     "itr": stats["plan"]["itr"],
                     "unit_depth": stats["plan"]["unit_depth"],
                     "units": stats["units"],
+                    "unit_budget_bytes": a.task_bytes,  # None: the library's default
                     "seconds": round(time.perf_counter() - t, 1),
                     "inputs_bytes": inputs,
                     "outputs_bytes": out_bytes,
@@ -136,28 +141,42 @@ def main() -> None:
         r.update(heads=a.heads, head_dim=a.head_dim, dtype=a.dtype)
     old = out / "disk.json"
     if old.exists():
-        same = {(r["pass"], r["seq_len"]) for r in rows}
-        kept = [
-            r
-            for r in json.loads(old.read_text()).get("rows", [])
-            if (r["pass"], r["seq_len"]) not in same
-        ]
-        rows = sorted(kept + rows, key=lambda r: (r["seq_len"], r["pass"] != "fwd"))
+
+        def key(r: dict) -> tuple:
+            return r["pass"], r["seq_len"], r.get("unit_budget_bytes")
+
+        same = {key(r) for r in rows}
+        kept = [r for r in json.loads(old.read_text()).get("rows", []) if key(r) not in same]
+        rows = sorted(
+            kept + rows,
+            key=lambda r: (
+                r["seq_len"],
+                -(r.get("unit_budget_bytes") or 1 << 62),
+                r["pass"] != "fwd",
+            ),
+        )
     (out / "disk.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
     lines = [
         "# Peak disk of a store pass",
         "",
-        f"B=1, H={a.heads}, D={a.head_dim}, {a.dtype}, causal, itr {a.itr}, library defaults; "
+        f"B=1, H={a.heads}, D={a.head_dim}, {a.dtype}, causal, itr {a.itr}, library defaults "
+        "but for the unit budget; "
         f"`partials/` sampled every {a.every} s while the pass ran. Regenerate a row: "
-        "`python bench/disk.py --seq-len L` (`--quick`: the forward only).",
+        "`python bench/disk.py --seq-len L [--task-bytes N]` (`--quick`: the forward only). "
+        "Unit budget: the memory a unit may take (`task_bytes`; default: the library's, "
+        "1/16 of the host's memory); a smaller one cuts units deeper. Units counts the "
+        "task units and the final (cast) units.",
         "",
-        "| pass | L | unit depth | units | s | outputs MiB | peak partials MiB | "
+        "| pass | L | unit budget | unit depth | units | s | outputs MiB | peak partials MiB | "
         "peak / outputs | predicted / measured |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        budget = r.get("unit_budget_bytes")
+        budget = "default" if budget is None else f"{budget / 2**20:.0f} MiB"
         lines.append(
-            f"| {r['pass']} | {r['seq_len']} | {r['unit_depth']} | {r['units']} | {r['seconds']} "
+            f"| {r['pass']} | {r['seq_len']} | {budget} | {r['unit_depth']} | {r['units']} "
+            f"| {r['seconds']} "
             f"| {r['outputs_bytes'] / 2**20:.1f} | {r['peak_partials_bytes'] / 2**20:.1f} "
             f"| {r['peak_over_outputs']} | {r['predicted_over_measured']} |"
         )

@@ -90,7 +90,8 @@ def _add_device_args(s: argparse.ArgumentParser) -> None:
         "--task-bytes",
         type=_bytes,
         default=None,
-        help="memory one unit may take (default 256MiB, on a GPU 40%% of its memory)",
+        help="memory one unit may take (default: 1/16 of the host's memory, 256MiB to "
+        "4GiB; on a GPU 40%% of its memory); larger units read and fold less",
     )
     s.add_argument("--n-cap", type=_count, default=None, help="units resident per device")
     s.add_argument(

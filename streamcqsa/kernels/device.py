@@ -43,8 +43,14 @@ The rules it holds:
   start no second OpenMP team beside the compute's.
 - Memory budgets: a unit living on a GPU may take 40% of what this process
   may still allocate there, per resident unit; elsewhere a unit takes
-  ``HOST_UNIT_BYTES`` of host memory. The automatic plan sizes tasks for 80%
-  of a GPU's memory, or ``HOST_TASK_BYTES`` on CPU.
+  ``host_unit_bytes()``: 1/16 of the host's memory (its cgroup limit where
+  lower), at least ``HOST_UNIT_MIN`` and at most ``HOST_UNIT_MAX``. A unit
+  one level deeper reads the inputs and folds every token k times more, so
+  units as large as memory comfortably allows keep a pass's I/O down; the
+  share leaves room for the units the I/O threads hold beside the one
+  computing. It follows the machine, not the moment (free memory moves),
+  so a machine plans a store the same way each time. The automatic plan
+  sizes tasks for 80% of a GPU's memory, or ``HOST_TASK_BYTES`` on CPU.
 - Dask steps on a GPU need a worker started with the resource ``GPU=1``.
 """
 
@@ -52,7 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,12 +66,41 @@ from typing import Any
 import torch
 
 from streamcqsa.errors import DeviceOOM
+from streamcqsa.kernels.timing import HostEvent, Timer
 from streamcqsa.kernels.workspace import empty_cache as _free_host_pool
 
 _HALF_NAMES = ("float16", "bfloat16")
 _CPU_ALLOC_FAILED = "DefaultCPUAllocator: can't allocate memory"
-HOST_UNIT_BYTES = 256 << 20  # a unit's host memory where it does not live on a GPU
+HOST_UNIT_MIN = 256 << 20  # bounds of a unit's host memory where it does not live on a GPU
+HOST_UNIT_MAX = 4 << 30
 HOST_TASK_BYTES = 1 << 30  # the automatic plan's task budget on CPU
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory this process may use: the machine's, or its cgroup's
+    limit where lower; None where neither can be read."""
+    total = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = int(f.read().strip())
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+        total = limit if total is None else min(total, limit)
+        break
+    return total if total and total > 0 else None
+
+
+def host_unit_bytes() -> int:
+    """A unit's host memory where it does not live on a GPU (the module's rules)."""
+    total = host_memory_bytes()
+    if total is None:
+        return HOST_UNIT_MIN
+    return max(HOST_UNIT_MIN, min(HOST_UNIT_MAX, total // 16))
 
 
 def default_n_cap(device_type: str) -> int:
@@ -309,7 +344,7 @@ class Device:
     def unit_bytes(self, n_cap: int) -> int:
         """Memory one unit living on this device may take (``n_cap`` resident)."""
         if not self.is_cuda:
-            return HOST_UNIT_BYTES
+            return host_unit_bytes()
         dev = self.device
         allowed = torch.cuda.get_device_properties(dev).total_memory
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
@@ -327,60 +362,3 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     if isinstance(x, tuple | list):
         return [t for item in x for t in _tensors(item)]
     return []
-
-
-class HostEvent:
-    """An event on a device that queues nothing: complete when made; keeps
-    the host time it was made at, so spans read the same way as CUDA's."""
-
-    def __init__(self) -> None:
-        self.t = time.perf_counter()
-
-    def record(self, stream: Any = None) -> None:
-        self.t = time.perf_counter()
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, end: HostEvent) -> float:
-        """Milliseconds from this event to ``end`` (CUDA's unit)."""
-        return (end.t - self.t) * 1e3
-
-
-class Timer:
-    """Seconds its with-block took: CUDA events on ``cuda`` (a device), else
-    ``perf_counter``. The CUDA figure is read only when asked for."""
-
-    def __init__(self, cuda: torch.device | None = None) -> None:
-        self._cuda = cuda
-        self._done = False
-
-    def __enter__(self) -> Timer:
-        if self._cuda is not None:
-            stream = torch.cuda.current_stream(self._cuda)
-            # blocking: a host reading the figure sleeps rather than spins
-            self._start = torch.cuda.Event(enable_timing=True, blocking=True)
-            self._end = torch.cuda.Event(enable_timing=True, blocking=True)
-            self._start.record(stream)
-        else:
-            self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._cuda is not None:
-            self._end.record(torch.cuda.current_stream(self._cuda))
-        else:
-            self._elapsed = time.perf_counter() - self._t0
-        self._done = True
-
-    @property
-    def seconds(self) -> float:
-        if not self._done:
-            raise RuntimeError("the timer's with-block has not ended")
-        if self._cuda is not None:
-            self._end.synchronize()
-            return self._start.elapsed_time(self._end) / 1000.0
-        return self._elapsed

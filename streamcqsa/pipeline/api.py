@@ -61,8 +61,9 @@ def run(
     outputs, which is all the pass stores besides them. ``"auto"`` takes the
     shallowest depth whose units fit ``task_bytes`` of host memory (each
     level deeper folds every token k times more); ``None`` or ``itr`` makes
-    every leaf a unit (finest resume). ``task_bytes`` defaults to 256 MiB,
-    and on a GPU to 40% of the device's memory per resident unit: there
+    every leaf a unit (finest resume). ``task_bytes`` defaults to 1/16 of
+    the host's memory (256 MiB to 4 GiB), and on a GPU to 40% of the
+    device's memory per resident unit: there
     units live on the device (a forward's inputs arrive through staging
     slots; a backward's are read whole on the host, then copied).
     ``keep_partials=True`` also stores every unit's partial, to inspect

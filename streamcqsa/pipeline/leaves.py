@@ -14,9 +14,9 @@ import torch
 
 from streamcqsa.cqs.plan import Node
 from streamcqsa.kernels.backend import get_backend
-from streamcqsa.kernels.device import Timer
 from streamcqsa.kernels.runner import backward as task_backward
 from streamcqsa.kernels.runner import forward as task_forward
+from streamcqsa.kernels.timing import Timer
 from streamcqsa.kernels.workspace import Workspace
 from streamcqsa.pipeline.context import Context
 from streamcqsa.pipeline.guardrail import block_bytes, task_bytes

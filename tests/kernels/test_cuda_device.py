@@ -10,7 +10,7 @@ import torch
 
 from streamcqsa.errors import DeviceOOM
 from streamcqsa.kernels import device as device_mod
-from streamcqsa.kernels import workspace
+from streamcqsa.kernels import timing, workspace
 from streamcqsa.kernels.device import Device
 from streamcqsa.kernels.torch_ops import TorchBackend
 
@@ -110,7 +110,7 @@ def test_empty_cache_and_synchronize(monkeypatch, fake_cuda):
 
 def test_cpu_timer_and_stream(monkeypatch):
     clock = iter([10.0, 12.5])
-    monkeypatch.setattr(device_mod.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     timer = Device.of("cpu").timer()
     with timer as t:
         with pytest.raises(RuntimeError, match="not ended"):
@@ -147,7 +147,7 @@ def test_cpu_streams_and_events_queue_nothing(monkeypatch):
     cpu = Device.of("cpu")
     assert cpu.stream() is None and not cpu.pins_host
     clock = iter([1.0, 1.25])
-    monkeypatch.setattr(device_mod.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     a, b = cpu.record(), cpu.record(None, timing=True)
     a.synchronize()
     assert a.query() and a.elapsed_time(b) == 250.0
@@ -262,6 +262,22 @@ def test_a_compute_slot_stream_is_handed_over_from_and_back_to_the_caller(monkey
     assert Device.of("cpu").current_stream() is None
 
 
+def test_a_host_unit_takes_a_sixteenth_of_the_host_within_bounds(monkeypatch):
+    gib = 1 << 30
+    for total, want in [
+        (None, device_mod.HOST_UNIT_MIN),  # unknown: the floor
+        (2 * gib, device_mod.HOST_UNIT_MIN),
+        (24 * gib, 24 * gib // 16),
+        (1 << 40, device_mod.HOST_UNIT_MAX),
+    ]:
+        monkeypatch.setattr(device_mod, "host_memory_bytes", lambda t=total: t)
+        assert device_mod.host_unit_bytes() == want
+        assert Device.of("cpu").unit_bytes(1) == want
+    monkeypatch.undo()
+    total = device_mod.host_memory_bytes()
+    assert total is None or total > 0
+
+
 def test_rules_by_device_type(monkeypatch, fake_cuda):
     cpu, cuda = Device.of("cpu"), Device.of("cuda")
     assert (cpu.default_n_cap, cuda.default_n_cap) == (1, 2)
@@ -274,6 +290,6 @@ def test_rules_by_device_type(monkeypatch, fake_cuda):
     assert cuda.overlaps_io(compute_cores=16, cores=16)
     assert not cpu.overlaps_io(compute_cores=2, cores=2) and cpu.overlaps_io(1, 2)
     assert cpu.dask_resources is None and cuda.dask_resources == {"GPU": 1}
-    assert cpu.unit_bytes(2) == device_mod.HOST_UNIT_BYTES
+    assert cpu.unit_bytes(2) == device_mod.host_unit_bytes()
     assert cpu.plan_bytes() == device_mod.HOST_TASK_BYTES
     assert cpu.peak_bytes() is None
