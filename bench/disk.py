@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args()
 
+    from streamcqsa.kernels.device import host_unit_bytes
     from streamcqsa.pipeline import run, run_backward
     from streamcqsa.storage import create_random
 
@@ -122,6 +123,7 @@ def main() -> None:
                     "unit_depth": stats["plan"]["unit_depth"],
                     "units": stats["units"],
                     "unit_budget_bytes": a.task_bytes,  # None: the library's default
+                    "unit_budget_used": a.task_bytes or host_unit_bytes(),
                     "seconds": round(time.perf_counter() - t, 1),
                     "inputs_bytes": inputs,
                     "outputs_bytes": out_bytes,
@@ -173,7 +175,8 @@ def main() -> None:
     ]
     for r in rows:
         budget = r.get("unit_budget_bytes")
-        budget = "default" if budget is None else f"{budget / 2**20:.0f} MiB"
+        used = r.get("unit_budget_used", budget)
+        budget = f"{used / 2**20:.0f} MiB" + (" (default)" if budget is None else "")
         lines.append(
             f"| {r['pass']} | {r['seq_len']} | {budget} | {r['unit_depth']} | {r['units']} "
             f"| {r['seconds']} "

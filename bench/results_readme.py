@@ -120,7 +120,8 @@ def _disk() -> list[str] | None:
     return [
         "| `disk.md`, `disk.json` | peak disk of a forward and a backward pass, sampled "
         "while they run, against the pass's own prediction "
-        "| `python bench/disk.py --seq-len L` (one row per L) | the machine of `suite.json` "
+        "| `python bench/disk.py --seq-len L [--task-bytes N]` (one row per L and unit budget) "
+        "| the machine of `suite.json` "
         f"| {date or '?'} (commit date) | {commit} (the commit that recorded the files) |"
     ]
 
