@@ -20,7 +20,18 @@ import time
 
 
 def peak_kib() -> int:
-    # Linux: kilobytes. macOS reports bytes; these tests only run on Linux.
+    """This process's peak RSS in KiB: VmHWM, the high-water mark of its own
+    address space. Not ru_maxrss: Linux keeps that across exec, so a probe
+    started by a large parent (a pytest process that ran other tests) would
+    report the parent's size and every operation would read as 0 growth."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    # elsewhere: Linux reports KiB (macOS bytes; these tests only run on Linux)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
