@@ -7,12 +7,14 @@ of the parent in child order, so any executor that folds the same chunks
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from streamcqsa.cqs.divide import MergeSource
-from streamcqsa.kernels.merge import merge_partials
+from streamcqsa.kernels.merge import merge_partials, merge_weights
 
 Path = tuple[int, ...]
 
@@ -63,3 +65,51 @@ def merge_combine(
     parts: Sequence[tuple[Tensor, ...]], out: tuple[Tensor, ...] | None = None
 ) -> tuple[Tensor, ...]:
     return merge_partials([(p[0], p[1]) for p in parts], out=out)  # type: ignore[arg-type]
+
+
+def merge_fold(
+    sources: Sequence[MergeSource],
+    parts: Mapping[Path, tuple[Tensor, ...]],
+    out: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    """``fold(sources, parts, out, merge_combine, (0, -inf))`` with the same
+    bits and fewer, larger torch calls.
+
+    A node's fold is many short row ranges (a few hundred rows each at
+    itr 3), and merging each on its own costs some twenty small calls whose
+    dispatch outweighs their arithmetic. Here the ranges with two or more
+    sources have their lse stacked into one [S, B, H, rows] tensor, the
+    merge weights are computed once for all of them, and each range then
+    only scales and adds its outs. Missing sources stack as empty partials
+    (lse -inf), whose weight is exactly 0 and which add nothing, so every
+    row sees the arithmetic ``merge_partials`` does for its own sources."""
+    multi = [src for src in sources if len(src.sources) > 1]
+    if len(multi) < 2:
+        return fold(sources, parts, out, merge_combine, (0.0, -math.inf))
+    few = [src for src in sources if len(src.sources) < 2]
+    fold(few, parts, out, merge_combine, (0.0, -math.inf))
+    lse0 = parts[multi[0].sources[0][0]][1]
+    depth = max(len(src.sources) for src in multi)
+    rows = sum(src.length for src in multi)
+    lses = torch.full(
+        (depth, *lse0.shape[:2], rows), -math.inf, dtype=lse0.dtype, device=lse0.device
+    )
+    at = 0
+    for src in multi:
+        for j, (path, off) in enumerate(src.sources):
+            lses[j, :, :, at : at + src.length] = parts[path][1][:, :, off : off + src.length]
+        at += src.length
+    lse, c = merge_weights(lses)
+    at = 0
+    for src in multi:
+        dst = out[0][:, :, src.start : src.start + src.length]
+        span = slice(at, at + src.length)
+        for j, (path, off) in enumerate(src.sources):
+            piece = parts[path][0][:, :, off : off + src.length]
+            if j == 0:
+                torch.mul(piece, c[0, :, :, span], out=dst)
+            else:
+                dst.addcmul_(piece, c[j, :, :, span])
+        out[1][:, :, src.start : src.start + src.length] = lse[:, :, span]
+        at += src.length
+    return out

@@ -29,6 +29,24 @@ def normalize_empty_rows(out: Tensor, lse: Tensor) -> Tensor:
     return torch.where(empty, torch.full_like(lse, float("-inf")), lse)
 
 
+def merge_weights(lses: Tensor) -> tuple[Tensor, Tensor]:
+    """For partials' lse stacked [S, ...]: the merged lse, and each part's
+    weight [S, ..., 1] on its out (the weights of a row sum to 1, or are all
+    0 for a row where every part is empty).
+
+    One branch-free formula for every row: a branch on the values would wait
+    for the device. Rows whose max is +inf are shared equally by their +inf
+    parts; rows without a finite max (all empty, NaN) shift by 0."""
+    m = lses.amax(dim=0)
+    pos = torch.isposinf(m)
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)
+    w = torch.where(pos, torch.isposinf(lses).to(lses.dtype), torch.exp(lses - m_safe))
+    total = w.sum(dim=0)
+    lse = torch.where(pos, m, m_safe + torch.log(total))  # total == 0 (all empty) gives -inf
+    # total is 0 or >= 1 (the max term is exp(0)), so clamping only fixes 0/0
+    return lse, (w / total.clamp_min(1.0)).unsqueeze(-1)
+
+
 def merge_partials(
     parts: Sequence[tuple[Tensor, Tensor]],
     out: tuple[Tensor, Tensor] | None = None,
@@ -47,18 +65,7 @@ def merge_partials(
         out[0].copy_(parts[0][0])
         out[1].copy_(parts[0][1])
         return out
-    lses = torch.stack([lse for _, lse in parts])
-    m = lses.amax(dim=0)
-    # One branch-free formula for every row: a branch on the values would
-    # wait for the device. Rows whose max is +inf are shared equally by their
-    # +inf parts; rows without a finite max (all empty, NaN) shift by 0.
-    pos = torch.isposinf(m)
-    m_safe = torch.where(torch.isfinite(m), m, 0.0)
-    w = torch.where(pos, torch.isposinf(lses).to(lses.dtype), torch.exp(lses - m_safe))
-    total = w.sum(dim=0)
-    lse = torch.where(pos, m, m_safe + torch.log(total))  # total == 0 (all empty) gives -inf
-    # total is 0 or >= 1 (the max term is exp(0)), so clamping only fixes 0/0
-    c = (w / total.clamp_min(1.0)).unsqueeze(-1)
+    lse, c = merge_weights(torch.stack([lse for _, lse in parts]))
     acc = torch.mul(parts[0][0], c[0], out=out[0] if out else None)
     for j in range(1, len(parts)):
         acc.addcmul_(parts[j][0], c[j])

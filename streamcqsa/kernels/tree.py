@@ -26,7 +26,7 @@ from torch import Tensor
 
 from streamcqsa.cqs.divide import Node, Plan
 from streamcqsa.kernels import threads
-from streamcqsa.kernels.fold import fold, merge_combine
+from streamcqsa.kernels.fold import fold, merge_combine, merge_fold
 from streamcqsa.kernels.runner import accumulator_dtype
 from streamcqsa.kernels.tokens import leaf_tokens
 from streamcqsa.kernels.workspace import Workspace
@@ -121,7 +121,7 @@ class _Forward:
             )
             parts.update((c.path, part) for c, part in zip(group, got, strict=True))
         out = self._partial(node)
-        fold(plan.merge_sources(node), parts, out, merge_combine, (0.0, -math.inf))
+        merge_fold(plan.merge_sources(node), parts, out)
         for part in parts.values():
             self.ws.release(*part)
         return out

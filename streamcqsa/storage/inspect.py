@@ -300,9 +300,8 @@ class Run:
 def _fold_kept(arrays: RunArrays, node: Node, b: int, g: int) -> tuple[torch.Tensor, ...]:
     """A node's forward partial for one head group: read where a unit kept
     it, else folded from its children's, as the tree folds them in memory."""
-    import math
 
-    from streamcqsa.kernels.fold import fold, merge_combine
+    from streamcqsa.kernels.fold import merge_fold
 
     lay = arrays.layout
     if lay.is_task(node):
@@ -313,7 +312,7 @@ def _fold_kept(arrays: RunArrays, node: Node, b: int, g: int) -> tuple[torch.Ten
         torch.empty(1, hq, node.length, lay.problem.head_dim),
         torch.empty(1, hq, node.length),
     )
-    return fold(lay.plan.merge_sources(node), kids, out, merge_combine, (0.0, -math.inf))
+    return merge_fold(lay.plan.merge_sources(node), kids, out)
 
 
 def _bf16_to_f32(block: np.ndarray) -> np.ndarray:

@@ -299,3 +299,38 @@ def test_two_posinf_parts_share_the_row() -> None:
     assert torch.allclose(out[0, 0, 0], (a[0][0, 0, 0] + b[0][0, 0, 0]) / 2)
     assert torch.equal(out[0, 0, 1], b[0][0, 0, 1])
     assert torch.equal(out[0, 0, 2], a[0][0, 0, 2])
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "itr", "causal"), [(16384, 3, True), (4099, 2, False), (777, 3, True)]
+)
+def test_a_node_fold_in_one_batch_has_the_bits_of_range_by_range(seq_len, itr, causal):
+    """``merge_fold`` (every multi-source range's weights at once) against
+    ``fold`` with ``merge_combine`` (range by range), bit for bit, on random
+    partials with empty (-inf), +inf and huge lse rows, for every node."""
+    from streamcqsa.cqs.divide import divide
+    from streamcqsa.kernels.fold import fold, merge_combine, merge_fold
+
+    plan = divide(seq_len, itr, 3, is_causal=causal)
+    g = torch.Generator().manual_seed(seq_len)
+    folded = 0
+    for node in plan.nodes:
+        if node.is_leaf:
+            continue
+        parts = {}
+        for c in node.children:
+            n = plan.by_path[c].length
+            o = torch.randn(1, 3, n, 8, generator=g)
+            s = torch.randn(1, 3, n, generator=g) * 20
+            s[..., ::17], o[..., ::17, :] = -math.inf, 0.0
+            s[..., 5::41] = math.inf
+            s[..., 7::53] = 1e30
+            parts[c] = (o, s)
+        a = (torch.full((1, 3, node.length, 8), 7.0), torch.full((1, 3, node.length), 7.0))
+        b = (a[0].clone(), a[1].clone())
+        fold(plan.merge_sources(node), parts, a, merge_combine, (0.0, -math.inf))
+        merge_fold(plan.merge_sources(node), parts, b)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.view(torch.int32), y.view(torch.int32)), node.path
+        folded += sum(len(s.sources) > 1 for s in plan.merge_sources(node))
+    assert folded > 1  # the batched path ran
