@@ -71,11 +71,6 @@ class Accumulator:
         """Floats per chunk: its rows, then the counter."""
         return self.chunk * self.width + 1
 
-    @property
-    def nbytes(self) -> int:
-        """Disk once every chunk is written (uncompressed, as stored)."""
-        return self.problem.batch * self.groups * self.chunks * self.length * 4
-
     def create(self) -> None:
         """Create the (empty) array unless it exists with this shape."""
         p = self.problem

@@ -41,6 +41,7 @@ COMMON = [
     ("progress", "yes", TypeError, "progress must be a bool"),
     ("restart", 1, TypeError, "restart must be a bool"),
     ("check_inputs", None, TypeError, "check_inputs must be a bool"),
+    ("overlap_io", "yes", TypeError, "overlap_io must be True, False or None"),
 ]
 FORWARD_ONLY = [
     ("itr", -1, ValueError, "itr must be a non-negative int or 'auto'"),
