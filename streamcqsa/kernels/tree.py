@@ -9,8 +9,10 @@ On the CPU, in a thread scope of width 2 or more, the leaves under a node run
 at once (``threads.run_tasks``, each single-threaded inside): one hand-over
 per node instead of one per leaf, and a thread the OS sets aside holds up
 one leaf, not a share of each. Their partials are folded afterwards in the
-same order as one by one, so the bits are the same. The forward keeps all
-of a node's children until its fold anyway, so this holds no more; the
+same order as one by one, so the bits are the same. A forward fold then
+runs beside the next node's leaves rather than with a thread idle. The
+forward keeps all of a node's children until its fold anyway, so this holds
+only one batch of leaves more; the
 backward, which adds each child as it comes, keeps at most two per thread
 (``threads.run_in_order``). A ``before`` hook then runs on those threads.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +41,9 @@ LeafRun = Callable[..., tuple[Tensor, ...]]
 # score entries (times batch and heads) from which a leaf left over at the end
 # of a run of leaves at once is run split over the whole width instead
 TAIL_MIN = 1 << 24
+
+DEFER_FOLDS = True  # False: each fold runs as soon as its leaves are done (for comparison)
+_FOLD_FIRST = 1 << 62  # a queued fold's cost for ``run_tasks``: taken before any leaf
 
 
 def forward_tree(
@@ -90,41 +96,82 @@ class _Forward:
     ) -> None:
         self.plan, self.qkv, self.leaf, self.dtype = plan, qkv, leaf, dtype
         self.base, self.before, self.ws, self.lend_base = base, before, ws, lend_base
+        # folds waiting to run: (node path, children whose folds come first, fold)
+        self.folds: list[tuple[tuple[int, ...], set[tuple[int, ...]], Callable[[], None]]] = []
 
     def node(
         self, node: Node, on_rows: Callable[[int, int, Tensor, Tensor], None] | None = None
     ) -> tuple[Tensor, Tensor]:
-        plan, top = self.plan, node is self.base
-        if on_rows is not None and not node.is_leaf:
-            return self._streamed(node, on_rows)
         if node.is_leaf:
-            if self.before is not None:
-                self.before(node)
-            runs = plan.local_runs(node, self.base)
-            used, crossing = plan.used_ranges(node), plan.crossing_ranges(node)
-            q, k, v = self.qkv
-            return self.leaf(  # type: ignore[return-value]
-                node,
-                leaf_tokens(q, runs, self.dtype, used[0], crossing[0]),
-                leaf_tokens(k, runs, self.dtype, used[1], crossing[1]),
-                leaf_tokens(v, runs, self.dtype, used[1], crossing[1]),
-                fill_empty=top,  # only a partial that leaves this call is read whole
-                workspace=self.ws if self.lend_base or not top else None,
-            )
-        parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+            return self._leaf(node)
+        if on_rows is not None:
+            return self._streamed(node, on_rows)
+        got: list[tuple[Tensor, Tensor]] = []
+        self._collect(node, got.append)
+        while self.folds:  # those not yet run beside later leaves
+            self._batch([], [])
+        return got[0]
+
+    def _leaf(self, node: Node) -> tuple[Tensor, Tensor]:
+        if self.before is not None:
+            self.before(node)
+        runs = self.plan.local_runs(node, self.base)
+        used, crossing = self.plan.used_ranges(node), self.plan.crossing_ranges(node)
+        q, k, v = self.qkv
+        top = node is self.base
+        return self.leaf(  # type: ignore[return-value]
+            node,
+            leaf_tokens(q, runs, self.dtype, used[0], crossing[0]),
+            leaf_tokens(k, runs, self.dtype, used[1], crossing[1]),
+            leaf_tokens(v, runs, self.dtype, used[1], crossing[1]),
+            fill_empty=top,  # only a partial that leaves this call is read whole
+            workspace=self.ws if self.lend_base or not top else None,
+        )
+
+    def _collect(self, node: Node, deliver: Callable[[tuple[Tensor, Tensor]], None]) -> None:
+        """Run the leaves below ``node`` and queue the folds above them; its
+        own fold ``deliver``s its partial when it runs.
+
+        Where leaves run at once, a queued fold runs beside the next leaves
+        (``_batch``) instead of with one thread idle, and the threads do not
+        wait for each other at every node's end. Each fold still reads the
+        same partials in the same order, so the bits are unchanged; a node's
+        children are held one batch of leaves longer."""
         q = self.qkv[0]
-        kids = [plan.by_path[c] for c in node.children]
+        parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        needs: set[tuple[int, ...]] = set()  # children whose own folds come first
+        kids = [self.plan.by_path[c] for c in node.children]
         for group in leaf_groups(kids, q.device, q.shape[0] * q.shape[1]):
-            got = threads.run_tasks(
-                [functools.partial(self.node, c) for c in group],
+            if not group[0].is_leaf:
+                needs.add(group[0].path)
+                self._collect(group[0], functools.partial(parts.__setitem__, group[0].path))
+                continue
+            got = self._batch(
+                [functools.partial(self._leaf, c) for c in group],
                 [c.blocks.entries if c.blocks else 0 for c in group],
             )
             parts.update((c.path, part) for c, part in zip(group, got, strict=True))
-        out = self._partial(node)
-        merge_fold(plan.merge_sources(node), parts, out)
-        for part in parts.values():
-            self.ws.release(*part)
-        return out
+
+        def run() -> None:
+            out = self._partial(node)
+            merge_fold(self.plan.merge_sources(node), parts, out)
+            for part in parts.values():
+                self.ws.release(*part)
+            deliver(out)
+
+        if not DEFER_FOLDS or threads.tasks_width(q.device) < 2:
+            run()  # one by one: nothing to run beside
+        else:
+            self.folds.append((node.path, needs, run))
+
+    def _batch(self, fns: list[Callable[[], Any]], costs: list[int]) -> list[Any]:
+        """``fns``' results, run at once with every queued fold whose
+        children's folds have run (first, as the threads pick them)."""
+        queued = {path for path, _, _ in self.folds}
+        ready = [run for _, needs, run in self.folds if not needs & queued]
+        self.folds = [f for f in self.folds if f[1] & queued]
+        got = threads.run_tasks([*ready, *fns], [_FOLD_FIRST] * len(ready) + costs)
+        return got[len(ready) :]
 
     def _partial(self, node: Node) -> tuple[Tensor, Tensor]:
         """Uninitialised (out, lse) accumulators for ``node``'s rows."""
