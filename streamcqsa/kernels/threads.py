@@ -310,6 +310,8 @@ def run_in_order(
     fns: Sequence[Callable[[], Any]],
     consume: Callable[[int, Any], None],
     ahead: int | None = None,
+    *,
+    first: Sequence[Callable[[], None]] = (),
 ) -> None:
     """Run independent tasks at once as ``run_tasks`` does, and call
     ``consume(i, result)`` for each in ``fns`` order, one call at a time, on
@@ -321,9 +323,15 @@ def run_in_order(
     the one ahead of it mostly finds another task to take. After a failure
     no task starts; those running are waited for, then the first failure is
     raised.
+
+    ``first``: other independent jobs, taken before any of ``fns`` by
+    whichever thread is free, their results dropped (work left over from
+    the caller's previous call, run beside these tasks instead of alone).
     """
     w, n = width(), len(fns)
-    if w < 2 or n < 2:
+    if w < 2 or n + len(first) < 2:
+        for job in first:
+            job()
         for i, fn in enumerate(fns):
             consume(i, fn())
         return
@@ -333,9 +341,12 @@ def run_in_order(
     errors: list[BaseException] = []
     started = consumed = 0
     consuming = False
+    extra = list(first)[::-1]  # popped from the end: in order
 
     def next_job() -> tuple[int, bool] | None:  # (index, consume it?); under cond
         nonlocal started, consuming
+        if extra and not errors:
+            return -1, False  # one of ``first``
         while not errors and consumed < n:
             if not consuming and consumed in done:
                 consuming = True
@@ -356,7 +367,12 @@ def run_in_order(
                         if job is None:
                             return
                         i, eat = job
+                        if i < 0:
+                            job_first = extra.pop()
                         result = done.pop(i) if eat else None
+                    if i < 0:
+                        job_first()
+                        continue
                     if eat:
                         consume(i, result)
                         result = None  # the caller may have freed it
@@ -374,6 +390,6 @@ def run_in_order(
                     cond.notify_all()
 
     with scope(w):
-        run_cells([work] * min(w, n), 1)
+        run_cells([work] * min(w, n + len(first)), 1)
     if errors:
         raise errors[0]

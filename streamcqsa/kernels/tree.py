@@ -240,74 +240,127 @@ def backward_tree(
     ``before(leaf)`` runs before each leaf reads its tokens, as there."""
     base = node if base is None else base
     ws = Workspace() if workspace is None else workspace
-    return _backward(plan, node, xs, leaf, dtype, base, ws, workspace is not None, before)
+    return _Backward(plan, xs, leaf, dtype, base, ws, workspace is not None, before).node(node)
 
 
-def _backward(
-    plan: Plan,
-    node: Node,
-    xs: tuple[Tensor, ...],
-    leaf: LeafRun,
-    dtype: torch.dtype,
-    base: Node,
-    ws: Workspace,
-    lend_base: bool,
-    before: Callable[[Node], None] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradient partials add, so each child is added into the node's rows as
-    soon as it is done and then freed: the same adds in the same order as
-    ``sum_partials`` over all children (first source copied, the rest added
-    in child order), so the same bits, holding one child at a time."""
-    lend = ws if lend_base or node is not base else None
-    if node.is_leaf:
-        if before is not None:
-            before(node)
-        runs = plan.local_runs(node, base)
-        (rows, keys), (xrows, xkeys) = plan.used_ranges(node), plan.crossing_ranges(node)
-        q, k, v, dout, out, lse = xs
-        return leaf(  # type: ignore[return-value]
+class _Backward:
+    """One ``backward_tree`` call.
+
+    Gradient partials add, so each child is added into its parent's rows
+    as soon as it is done and then freed: the same adds in the same order
+    as ``sum_partials`` over all children (first source copied, the rest
+    added in child order), so the same bits, holding one child at a time.
+
+    Where leaves run at once, a node's add into its parent is queued and
+    runs beside the next leaves (as a forward fold does), after the adds it
+    must follow: its own children's, and its previous sibling's."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        xs: tuple[Tensor, ...],
+        leaf: LeafRun,
+        dtype: torch.dtype,
+        base: Node,
+        ws: Workspace,
+        lend_base: bool,
+        before: Callable[[Node], None] | None,
+    ) -> None:
+        self.plan, self.xs, self.leaf, self.dtype = plan, xs, leaf, dtype
+        self.base, self.ws, self.lend_base, self.before = base, ws, lend_base, before
+        # adds waiting to run: (node path, paths whose adds come first, add)
+        self.adds: list[tuple[tuple[int, ...], set[tuple[int, ...]], Callable[[], None]]] = []
+
+    def node(self, node: Node) -> tuple[Tensor, Tensor, Tensor]:
+        if node.is_leaf:
+            return self._leaf(node)
+        got: list[tuple[Tensor, ...]] = []
+        self._collect(node, got.append)
+        while self.adds:
+            self._batch([], lambda i, part: None)
+        return got[0]  # type: ignore[return-value]
+
+    def _lend(self, node: Node) -> Workspace | None:
+        return self.ws if self.lend_base or node is not self.base else None
+
+    def _leaf(self, node: Node) -> tuple[Tensor, Tensor, Tensor]:
+        if self.before is not None:
+            self.before(node)
+        runs = self.plan.local_runs(node, self.base)
+        (rows, keys) = self.plan.used_ranges(node)
+        (xrows, xkeys) = self.plan.crossing_ranges(node)
+        q, k, v, dout, out, lse = self.xs
+        dt = self.dtype
+        return self.leaf(  # type: ignore[return-value]
             node,
-            leaf_tokens(q, runs, dtype, rows, xrows),
-            leaf_tokens(k, runs, dtype, keys, xkeys),
-            leaf_tokens(v, runs, dtype, keys, xkeys),
-            leaf_tokens(dout, runs, dtype, rows, xrows),
-            leaf_tokens(out, runs, dtype, rows, xrows),
+            leaf_tokens(q, runs, dt, rows, xrows),
+            leaf_tokens(k, runs, dt, keys, xkeys),
+            leaf_tokens(v, runs, dt, keys, xkeys),
+            leaf_tokens(dout, runs, dt, rows, xrows),
+            leaf_tokens(out, runs, dt, rows, xrows),
             leaf_tokens(lse, runs, None, rows, xrows),
-            workspace=lend,
+            workspace=self._lend(node),
         )
-    acc = accumulator_dtype(dtype)
-    new = torch.empty if lend is None else lend.empty
-    grads = tuple(
-        new((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device) for t in xs[:3]
-    )
-    pieces: dict[tuple[int, ...], list[tuple[int, int, int, bool]]] = {}
-    for src in plan.merge_sources(node, skip_empty=False):
-        if not src.sources:  # rows no child holds
-            for g in grads:
-                g[:, :, src.start : src.start + src.length].zero_()
-        for j, (path, off) in enumerate(src.sources):
-            pieces.setdefault(path, []).append((src.start, off, src.length, j == 0))
 
-    def add(c: Node, part: tuple[Tensor, ...]) -> None:
-        for start, off, n, first in pieces.get(c.path, ()):
-            for g, p in zip(grads, part, strict=True):
-                dst, piece = g[:, :, start : start + n], p[:, :, off : off + n]
-                if first:
-                    dst.copy_(piece)
-                else:
-                    dst += piece
-        ws.release(*part)
-
-    kids = [plan.by_path[c] for c in node.children]
-    for group in leaf_groups(kids, xs[0].device, xs[0].shape[0] * xs[0].shape[1]):
-        threads.run_in_order(
-            [
-                functools.partial(_backward, plan, c, xs, leaf, dtype, base, ws, lend_base, before)
-                for c in group
-            ],
-            lambda i, part, group=group: add(group[i], part),
+    def _collect(self, node: Node, deliver: Callable[[tuple[Tensor, ...]], None]) -> None:
+        """Add up ``node``'s children and queue ``deliver(grads)``."""
+        acc = accumulator_dtype(self.dtype)
+        lend = self._lend(node)
+        new = torch.empty if lend is None else lend.empty
+        grads = tuple(
+            new((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device)
+            for t in self.xs[:3]
         )
-    return grads  # type: ignore[return-value]
+        pieces: dict[tuple[int, ...], list[tuple[int, int, int, bool]]] = {}
+        for src in self.plan.merge_sources(node, skip_empty=False):
+            if not src.sources:  # rows no child holds
+                for g in grads:
+                    g[:, :, src.start : src.start + src.length].zero_()
+            for j, (path, off) in enumerate(src.sources):
+                pieces.setdefault(path, []).append((src.start, off, src.length, j == 0))
+
+        def add(path: tuple[int, ...], part: tuple[Tensor, ...]) -> None:
+            for start, off, n, first in pieces.get(path, ()):
+                for g, p in zip(grads, part, strict=True):
+                    dst, piece = g[:, :, start : start + n], p[:, :, off : off + n]
+                    if first:
+                        dst.copy_(piece)
+                    else:
+                        dst += piece
+            self.ws.release(*part)
+
+        q = self.xs[0]
+        defer = DEFER_FOLDS and threads.tasks_width(q.device) > 1
+        needs: set[tuple[int, ...]] = set()  # the child whose add into grads comes first
+        for group in leaf_groups(
+            [self.plan.by_path[c] for c in node.children], q.device, q.shape[0] * q.shape[1]
+        ):
+            c = group[0]
+            if not c.is_leaf:
+                self._collect(c, functools.partial(add, c.path))
+                if defer:  # after its earlier siblings' adds
+                    self.adds[-1][1].update(needs)
+                    needs = {c.path}
+                continue
+            while needs & {path for path, _, _ in self.adds}:
+                self._batch([], lambda i, part: None)  # leaves add into grads next
+            needs = set()
+            self._batch(
+                [functools.partial(self._leaf, c) for c in group],
+                lambda i, part, group=group: add(group[i].path, part),
+            )
+        if defer:
+            self.adds.append((node.path, needs, functools.partial(deliver, grads)))
+        else:
+            deliver(grads)
+
+    def _batch(self, fns: list[Callable[[], Any]], consume: Callable[[int, Any], None]) -> None:
+        """``fns`` run at once, ``consume``d in order, with every queued add
+        whose predecessors have run taken first."""
+        queued = {path for path, _, _ in self.adds}
+        ready = [run for _, needs, run in self.adds if not needs & queued]
+        self.adds = [a for a in self.adds if a[1] & queued]
+        threads.run_in_order(fns, consume, first=ready)
 
 
 def leaf_groups(nodes: Sequence[Node], device: torch.device, heads: int = 1) -> list[list[Node]]:

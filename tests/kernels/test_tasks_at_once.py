@@ -30,9 +30,9 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         sizes.append(len(fns))
         return run_tasks(fns, costs)
 
-    def in_order(fns, consume, ahead=None):  # noqa: ANN001, ANN202
+    def in_order(fns, consume, ahead=None, **kw):  # noqa: ANN001, ANN003, ANN202
         sizes.append(len(fns))
-        return run_in_order(fns, consume, ahead)
+        return run_in_order(fns, consume, ahead, **kw)
 
     monkeypatch.setattr(threads, "run_tasks", tasks)
     monkeypatch.setattr(threads, "run_in_order", in_order)
