@@ -12,7 +12,7 @@ one leaf, not a share of each. Their partials are folded afterwards in the
 same order as one by one, so the bits are the same. A forward fold then
 runs beside the next node's leaves rather than with a thread idle. The
 forward keeps all of a node's children until its fold anyway, so this holds
-only one batch of leaves more; the
+them only one batch of leaves longer; the
 backward, which adds each child as it comes, keeps at most two per thread
 (``threads.run_in_order``). A ``before`` hook then runs on those threads.
 """
@@ -133,10 +133,9 @@ class _Forward:
         own fold ``deliver``s its partial when it runs.
 
         Where leaves run at once, a queued fold runs beside the next leaves
-        (``_batch``) instead of with one thread idle, and the threads do not
-        wait for each other at every node's end. Each fold still reads the
-        same partials in the same order, so the bits are unchanged; a node's
-        children are held one batch of leaves longer."""
+        (``_batch``) instead of with one thread idle. Each fold still reads
+        the same partials in the same order, so the bits are unchanged; a
+        node's children are held one batch of leaves longer."""
         q = self.qkv[0]
         parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
         needs: set[tuple[int, ...]] = set()  # children whose own folds come first
