@@ -52,6 +52,33 @@ def leaf_host_bytes(
     raise ValueError(f"kind must be one of {PASSES}, got {kind!r}")
 
 
+def tree_rows(plan: Plan, node: Node, kind: str = "fwd", width: int = 1) -> int:
+    """Peak partial rows ``kernels.tree`` holds running ``node``'s subtree.
+
+    One by one (``width`` 1): ``Plan.fold_rows`` forward, and
+    ``Plan.summed_fold_rows`` backward, where each child is added in as soon
+    as it is done. With leaves at once on ``width`` >= 2 threads, a fold
+    (forward) or an add (backward) waits for the next batch of leaves to run
+    beside it, so each level below ``node`` may hold one more inner node's
+    rows, and forward its children's too; and the backward holds the
+    gradients of up to 2 * width leaves instead of one."""
+    if kind not in PASSES:
+        raise ValueError(f"kind must be one of {PASSES}, got {kind!r}")
+    one = plan.fold_rows(node) if kind == "fwd" else plan.summed_fold_rows(node)
+    if width < 2 or node.is_leaf:
+        return one
+    levels: dict[int, int] = {}
+    for n in plan.nodes:
+        if n.is_leaf or len(n.path) <= len(node.path) or n.path[: len(node.path)] != node.path:
+            continue  # a queued fold or add is an inner node strictly below ``node``
+        rows = n.length
+        if kind == "fwd":
+            rows += sum(plan.by_path[c].length for c in n.children)
+        levels[n.depth] = max(levels.get(n.depth, 0), rows)
+    leaves = (2 * width - 1) * plan.longest_leaf(node) if kind == "bwd" else 0
+    return one + sum(levels.values()) + leaves
+
+
 def unit_host_bytes(
     plan: Plan,
     node: Node,
@@ -60,26 +87,26 @@ def unit_host_bytes(
     head_group: int,
     head_dim: int,
     kind: str = "fwd",
+    width: int = 1,
 ) -> int:
-    """Host bytes of a task unit that runs ``node``'s subtree in memory.
+    """Host bytes of a task unit that runs ``node``'s subtree in memory, its
+    leaves ``width`` at a time.
 
     Counted in fp32 (an upper bound: CPU kernels compute half types in fp32
     where the CPU does not multiply them in hardware): the node's
-    gathered inputs, the partial rows its fold holds at its peak (gradients
-    are added up child by child, ``Plan.summed_fold_rows``), the padded copy
-    written out, and one leaf's gathered inputs plus kernel outputs.
+    gathered inputs, the partial rows its tree holds at its peak
+    (``tree_rows``), the padded copy written out, and each running leaf's
+    gathered inputs plus kernel outputs.
     """
     hq, hk, d = head_group * group_ratio, head_group, head_dim
     if kind == "fwd":
         per_in = d * (hq + 2 * hk)  # q, k, v
         per_part = hq * (d + 1)  # out, lse
-        held = plan.fold_rows(node)
     else:
         per_in = d * (3 * hq + 2 * hk) + hq  # q, k, v, dout, out, lse
         per_part = d * (hq + 2 * hk)  # dq, dk, dv
-        held = plan.summed_fold_rows(node)
-    leaf = plan.longest_leaf(node)
-    rows = held + node.length
+    leaf = plan.longest_leaf(node) * max(1, width)
+    rows = tree_rows(plan, node, kind, width) + node.length
     return 4 * (node.length * per_in + rows * per_part + leaf * (per_in + per_part))
 
 
@@ -194,10 +221,12 @@ def choose_units(
     kind: str,
     head_group: int | None = None,
     device_itemsize: int | None = None,
+    width: int = 1,
 ) -> tuple[int, int | None]:
     """(unit_depth, head_group): the shallowest unit depth whose units fit
     ``budget_bytes``, with the largest head group that fits there (None if
-    none does at any depth and none was given).
+    none does at any depth and none was given). Host units run their leaves
+    ``width`` at a time.
 
     Each level deeper reads every input token k times more and folds its
     partial k times more, while a unit folds its own subtree in memory for
@@ -215,7 +244,7 @@ def choose_units(
         shape = {"group_ratio": group_ratio, "head_group": hg, "head_dim": head_dim}
         if device_itemsize is not None and not n.is_leaf:
             return unit_device_bytes(plan, n, itemsize=device_itemsize, kind=kind, **shape)
-        return unit_host_bytes(plan, n, kind=kind, **shape)
+        return unit_host_bytes(plan, n, kind=kind, width=width, **shape)
 
     for depth in range(plan.itr + 1):
         units = unit_nodes(plan, depth)
@@ -256,6 +285,7 @@ __all__ = [
     "part_row_bytes",
     "pass_traffic",
     "peak_disk",
+    "tree_rows",
     "unit_device_bytes",
     "unit_host_bytes",
 ]

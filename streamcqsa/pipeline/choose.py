@@ -78,9 +78,11 @@ def choose_units(
     budget_bytes: int,
     kind: str,
     device_itemsize: int | None = None,
+    width: int = 1,
 ) -> tuple[int, int]:
-    """(unit_depth, head_group) for ``problem`` (``cqs.footprint.choose_units``);
-    a head group from ``choose_head_group`` if no depth fits."""
+    """(unit_depth, head_group) for ``problem`` (``cqs.footprint.choose_units``,
+    host units running their leaves ``width`` at a time); a head group from
+    ``choose_head_group`` if no depth fits."""
     depth, hg = footprint.choose_units(
         plan,
         group_ratio=problem.group_ratio,
@@ -90,6 +92,7 @@ def choose_units(
         kind=kind,
         head_group=head_group,
         device_itemsize=device_itemsize,
+        width=width,
     )
     if hg is None:
         hg = choose_head_group(problem, max(t.length for t in plan.tasks), budget_bytes)
@@ -122,6 +125,7 @@ def layout(
     unit_depth: int | str | None,
     kind: str,
     device: str = "cpu",
+    width: int = 1,
 ) -> Layout:
     plan = divide(problem.seq_len, itr, quorum, is_causal=problem.is_causal)
     if head_group is not None and (
@@ -135,7 +139,7 @@ def layout(
         on_gpu = Device.of(device).is_cuda
         itemsize = torch.empty((), dtype=torch_dtype(problem.dtype)).element_size()
         unit_depth, head_group = choose_units(
-            plan, problem, head_group, task_bytes, kind, itemsize if on_gpu else None
+            plan, problem, head_group, task_bytes, kind, itemsize if on_gpu else None, width
         )
     elif unit_depth is not None and (
         isinstance(unit_depth, bool) or not isinstance(unit_depth, int) or unit_depth < 0

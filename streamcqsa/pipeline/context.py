@@ -24,6 +24,28 @@ from streamcqsa.storage.store import open_group
 from streamcqsa.storage.units import Layout
 
 
+def slot_threads(threads: int | None, n_cap: int) -> int:
+    """Torch threads per compute slot: ``threads``, else the cores shared by
+    ``n_cap`` slots."""
+    return threads or max(1, (os.cpu_count() or 1) // max(1, n_cap))
+
+
+def _at_once(dev: Device, budget_bytes: int | None) -> bool:
+    # on a CPU with no memory budget a slot's threads are its own, so its
+    # leaves need no device slot each; under a budget the guardrail admits
+    # leaves one at a time, each on the whole width
+    return not dev.is_cuda and budget_bytes is None
+
+
+def leaf_width(device: str, threads: int | None, n_cap: int, budget_bytes: int | None) -> int:
+    """Leaves a unit may run at once: its slot's threads where its leaves run
+    at once, else 1. The unit model counts what that holds
+    (``cqs.footprint.tree_rows``)."""
+    if not _at_once(Device.of(device), budget_bytes):
+        return 1
+    return slot_threads(threads, n_cap)
+
+
 @dataclass
 class Context:
     store: Any
@@ -103,20 +125,12 @@ class Context:
     @property
     def leaves_at_once(self) -> bool:
         """Whether a unit runs its leaves at once on its slot's threads, as the
-        in-memory engine does (fewer, wider kernel calls; the same bits).
-
-        On a CPU with no memory budget the slot's threads are its own, so its
-        leaves need no device slot each; under a budget (or an injected OOM)
-        the guardrail admits leaves one at a time, each on the whole width."""
-        return (
-            not self.dev.is_cuda
-            and self.budget_bytes is None
-            and self.runtime.guardrail.inject is None
-        )
+        in-memory engine does (fewer, wider kernel calls; the same bits):
+        ``leaf_width``'s rule, and not under an injected OOM."""
+        return _at_once(self.dev, self.budget_bytes) and self.runtime.guardrail.inject is None
 
     def compute_threads(self) -> int:
-        """Torch threads per compute slot: the cores shared by n_cap slots."""
-        return self.threads or max(1, (os.cpu_count() or 1) // max(1, self.n_cap))
+        return slot_threads(self.threads, self.n_cap)
 
     def compute(self, fn: Any) -> Any:
         """Run ``fn`` on one of the pass's compute slots, inside a kernel
@@ -131,4 +145,4 @@ class Context:
         return self.runtime.compute(scoped, self.compute_threads())
 
 
-__all__ = ["Context"]
+__all__ = ["Context", "leaf_width", "slot_threads"]

@@ -25,7 +25,7 @@ from streamcqsa.kernels.backend import get_backend
 from streamcqsa.kernels.device import Device
 from streamcqsa.pipeline import choose
 from streamcqsa.pipeline.args import check_writable, is_distributed, resolve_device, same_dout
-from streamcqsa.pipeline.context import Context
+from streamcqsa.pipeline.context import Context, leaf_width
 from streamcqsa.pipeline.execute import execute
 from streamcqsa.pipeline.graph import build_graph
 from streamcqsa.pipeline.guardrail import Guardrail
@@ -87,6 +87,11 @@ class Pass:
         return f"Pass({self.kind}, store={self.path!r}, itr={self.itr!r})"
 
     # -- preparation ---------------------------------------------------------------
+    def _threads(self) -> int | None:
+        """Torch threads per compute slot: one in a distributed worker (its
+        process runs other tasks beside), else the default share of cores."""
+        return 1 if is_distributed(self.a["scheduler"]) else None
+
     def _layout(self, problem: Problem, meta: dict) -> Layout:
         a, guard = self.a, self.guard
         device = a["device"]
@@ -102,8 +107,9 @@ class Pass:
             unit_depth, head_group = choose.resume_units(
                 meta.get(self.kind), problem, itr, self.quorum, head_group
             )
+        width = leaf_width(device, self._threads(), guard["n_cap"], guard.get("budget_bytes"))
         return choose.layout(
-            problem, itr, self.quorum, head_group, task_bytes, unit_depth, self.kind, device
+            problem, itr, self.quorum, head_group, task_bytes, unit_depth, self.kind, device, width
         )
 
     def run(self) -> RunStats:
@@ -219,7 +225,7 @@ class Pass:
             backend=a["backend"],
             compute_dtype=entry["compute_dtype"],
             device=a["device"],
-            threads=1 if distributed else None,
+            threads=self._threads(),
             distributed=distributed,
             n_cap=self.guard["n_cap"],
             budget_bytes=self.guard.get("budget_bytes"),

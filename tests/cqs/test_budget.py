@@ -122,25 +122,30 @@ def test_run_itr_auto_fits_the_budget_without_oom(tmp_path):
     r=st.sampled_from([1, 2]),
     budget=st.integers(10_000, 400 * MIB),
     kind=st.sampled_from(["fwd", "bwd"]),
+    width=st.sampled_from([1, 2, 8]),
 )
-def test_unit_choice_fits_the_host_budget(seq_len, itr, kv, r, budget, kind):
-    """choose_units takes the shallowest stored level that fits; a tighter
-    budget never makes units shallower, and the leaves are the floor."""
+def test_unit_choice_fits_the_host_budget(seq_len, itr, kv, r, budget, kind, width):
+    """choose_units takes the shallowest stored level that fits, with units
+    running their leaves ``width`` at a time; a tighter budget or a wider
+    slot never makes units shallower, and the leaves are the floor."""
     from streamcqsa.cqs.budget import unit_host_bytes
     from streamcqsa.pipeline.choose import choose_units
 
     problem = _problem(seq_len, kv, r, "float32", causal=False)
     p = divide(seq_len, itr, 3)
-    depth, hg = choose_units(p, problem, None, budget, kind)
+    depth, hg = choose_units(p, problem, None, budget, kind, width=width)
     assert 0 <= depth <= itr and kv % hg == 0
     units = [n for n in p.nodes if n.depth == depth or (n.is_leaf and n.depth < depth)]
     need = max(
-        unit_host_bytes(p, n, group_ratio=r, head_group=hg, head_dim=32, kind=kind) for n in units
+        unit_host_bytes(p, n, group_ratio=r, head_group=hg, head_dim=32, kind=kind, width=width)
+        for n in units
     )
     if depth < itr:
         assert need <= budget
-    tighter, _ = choose_units(p, problem, None, budget // 3, kind)
+    tighter, _ = choose_units(p, problem, None, budget // 3, kind, width=width)
     assert tighter >= depth
+    wider, _ = choose_units(p, problem, hg, budget, kind, width=2 * width)
+    assert wider >= depth
 
 
 @settings(max_examples=40, deadline=None)
