@@ -311,7 +311,7 @@ def run_in_order(
     consume: Callable[[int, Any], None],
     ahead: int | None = None,
     *,
-    first: Sequence[Callable[[], None]] = (),
+    side: Sequence[Callable[[], None]] = (),
 ) -> None:
     """Run independent tasks at once as ``run_tasks`` does, and call
     ``consume(i, result)`` for each in ``fns`` order, one call at a time, on
@@ -324,16 +324,17 @@ def run_in_order(
     no task starts; those running are waited for, then the first failure is
     raised.
 
-    ``first``: other independent jobs, taken before any of ``fns`` by
-    whichever thread is free, their results dropped (work left over from
-    the caller's previous call, run beside these tasks instead of alone).
+    ``side``: other independent jobs, their results dropped (work left over
+    from the caller's previous call), each taken by a thread with nothing
+    else to do: no result to hand on and no task it may start. So they fill
+    the gaps, mostly at the end, where a thread would wait for the others.
     """
     w, n = width(), len(fns)
-    if w < 2 or n + len(first) < 2:
-        for job in first:
-            job()
+    if w < 2 or n + len(side) < 2:
         for i, fn in enumerate(fns):
             consume(i, fn())
+        for job in side:
+            job()
         return
     ahead = max(1, 2 * w if ahead is None else ahead)
     cond = threading.Condition()
@@ -341,12 +342,10 @@ def run_in_order(
     errors: list[BaseException] = []
     started = consumed = 0
     consuming = False
-    extra = list(first)[::-1]  # popped from the end: in order
+    extra = list(side)[::-1]  # popped from the end: in order
 
     def next_job() -> tuple[int, bool] | None:  # (index, consume it?); under cond
         nonlocal started, consuming
-        if extra and not errors:
-            return -1, False  # one of ``first``
         while not errors and consumed < n:
             if not consuming and consumed in done:
                 consuming = True
@@ -354,8 +353,10 @@ def run_in_order(
             if started < min(n, consumed + ahead):
                 started += 1
                 return started - 1, False
+            if extra:
+                return -1, False  # one of ``side``: nothing else to do yet
             cond.wait()
-        return None
+        return (-1, False) if extra and not errors else None
 
     def work() -> None:
         nonlocal consumed, consuming
@@ -368,10 +369,10 @@ def run_in_order(
                             return
                         i, eat = job
                         if i < 0:
-                            job_first = extra.pop()
+                            job_side = extra.pop()
                         result = done.pop(i) if eat else None
                     if i < 0:
-                        job_first()
+                        job_side()
                         continue
                     if eat:
                         consume(i, result)
@@ -390,6 +391,6 @@ def run_in_order(
                     cond.notify_all()
 
     with scope(w):
-        run_cells([work] * min(w, n + len(first)), 1)
+        run_cells([work] * min(w, n + len(side)), 1)
     if errors:
         raise errors[0]

@@ -43,7 +43,9 @@ LeafRun = Callable[..., tuple[Tensor, ...]]
 TAIL_MIN = 1 << 24
 
 DEFER_FOLDS = True  # False: each fold runs as soon as its leaves are done (for comparison)
-_FOLD_FIRST = 1 << 62  # a queued fold's cost for ``run_tasks``: taken before any leaf
+# a queued fold's cost for ``run_tasks``: taken after every leaf of its batch,
+# by the first thread to run out of leaves, where it would otherwise wait
+_FOLD_COST = 0
 
 
 def forward_tree(
@@ -165,11 +167,11 @@ class _Forward:
 
     def _batch(self, fns: list[Callable[[], Any]], costs: list[int]) -> list[Any]:
         """``fns``' results, run at once with every queued fold whose
-        children's folds have run (first, as the threads pick them)."""
+        children's folds have run."""
         queued = {path for path, _, _ in self.folds}
         ready = [run for _, needs, run in self.folds if not needs & queued]
         self.folds = [f for f in self.folds if f[1] & queued]
-        got = threads.run_tasks([*ready, *fns], [_FOLD_FIRST] * len(ready) + costs)
+        got = threads.run_tasks([*ready, *fns], [_FOLD_COST] * len(ready) + costs)
         return got[len(ready) :]
 
     def _partial(self, node: Node) -> tuple[Tensor, Tensor]:
@@ -354,12 +356,12 @@ class _Backward:
             deliver(grads)
 
     def _batch(self, fns: list[Callable[[], Any]], consume: Callable[[int, Any], None]) -> None:
-        """``fns`` run at once, ``consume``d in order, with every queued add
-        whose predecessors have run taken first."""
+        """``fns`` run at once, ``consume``d in order, beside every queued add
+        whose predecessors have run."""
         queued = {path for path, _, _ in self.adds}
         ready = [run for _, needs, run in self.adds if not needs & queued]
         self.adds = [a for a in self.adds if a[1] & queued]
-        threads.run_in_order(fns, consume, first=ready)
+        threads.run_in_order(fns, consume, side=ready)
 
 
 def leaf_groups(nodes: Sequence[Node], device: torch.device, heads: int = 1) -> list[list[Node]]:

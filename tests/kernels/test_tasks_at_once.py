@@ -171,6 +171,42 @@ def test_run_in_order_raises_the_failure_and_starts_nothing_after() -> None:
     assert sorted(started) == [0, 1]
 
 
+@pytest.mark.parametrize(("n", "sides"), [(0, 3), (1, 1), (6, 2), (6, 0)])
+@pytest.mark.parametrize("width", [1, 2])
+def test_run_in_order_runs_side_jobs_each_once_beside_the_tasks(
+    n: int, sides: int, width: int
+) -> None:
+    """Side jobs (a tree's queued folds and adds) each run once, on the
+    scope's threads, and change nothing of the tasks' in-order hand-over."""
+    ran: list[int] = []
+    eaten: list[int] = []
+
+    def task(i: int) -> int:
+        time.sleep(0.002 * (i % 2))
+        return i
+
+    def side(j: int) -> None:
+        assert torch.get_num_threads() == 1
+        ran.append(j)
+
+    with threads.scope(width):
+        threads.run_in_order(
+            [lambda i=i: task(i) for i in range(n)],
+            lambda i, r: eaten.append(r),
+            side=[lambda j=j: side(j) for j in range(sides)],
+        )
+    assert eaten == list(range(n))
+    assert sorted(ran) == list(range(sides))
+
+
+def test_run_in_order_raises_a_side_jobs_failure() -> None:
+    def boom() -> None:
+        raise KeyError("side")
+
+    with threads.scope(2), pytest.raises(KeyError, match="side"):
+        threads.run_in_order([lambda: 1, lambda: 2], lambda i, r: None, side=[boom])
+
+
 def test_a_job_never_waits_behind_a_blocked_one() -> None:
     """One caller's tasks wait for an event that another caller sets only
     after its own cells ran: a helper must be free for those cells (the
