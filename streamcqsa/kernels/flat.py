@@ -17,7 +17,7 @@ With a single unit (u = 0) there is nothing to fold: its partial is the
 result, as in the engine's hierarchical tree.
 
 Units that are leaves run at once where ``kernels.tree`` runs a node's
-leaves at once (``tree.leaf_groups``), at most two per thread held, and are
+leaves at once (``schedule.leaf_groups``), at most two per thread held, and are
 folded in unit order as they come (``threads.run_in_order``): the same bits.
 """
 
@@ -34,7 +34,8 @@ from streamcqsa.cqs.plan import Node, Plan
 from streamcqsa.kernels import threads
 from streamcqsa.kernels.merge import merge_partials
 from streamcqsa.kernels.runner import accumulator_dtype
-from streamcqsa.kernels.tree import LeafRun, backward_tree, forward_tree, leaf_groups
+from streamcqsa.kernels.schedule import leaf_groups
+from streamcqsa.kernels.tree import LeafRun, backward_tree, forward_tree
 
 
 def fold_forward(acc: tuple[Tensor, Tensor], part: tuple[Tensor, Tensor]) -> None:

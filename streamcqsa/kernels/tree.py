@@ -21,31 +21,23 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from streamcqsa.cqs.divide import Node, Plan
-from streamcqsa.kernels import threads
+from streamcqsa.kernels import schedule, threads
 from streamcqsa.kernels.fold import fold, merge_combine, merge_fold
 from streamcqsa.kernels.runner import accumulator_dtype
+from streamcqsa.kernels.schedule import leaf_groups
 from streamcqsa.kernels.tokens import leaf_tokens
 from streamcqsa.kernels.workspace import Workspace
 
 # (leaf, q, k, v, fill_empty=, workspace=) -> (out, lse);
 # (leaf, q, k, v, dout, out, lse, workspace=) -> (dq, dk, dv)
 LeafRun = Callable[..., tuple[Tensor, ...]]
-
-# score entries (times batch and heads) from which a leaf left over at the end
-# of a run of leaves at once is run split over the whole width instead
-TAIL_MIN = 1 << 24
-
-DEFER_FOLDS = True  # False: each fold runs as soon as its leaves are done (for comparison)
-# a queued fold's cost for ``run_tasks``: taken after every leaf of its batch,
-# by the first thread to run out of leaves, where it would otherwise wait
-_FOLD_COST = 0
 
 
 def forward_tree(
@@ -160,7 +152,7 @@ class _Forward:
                 self.ws.release(*part)
             deliver(out)
 
-        if not DEFER_FOLDS or threads.tasks_width(q.device) < 2:
+        if not schedule.DEFER_FOLDS or threads.tasks_width(q.device) < 2:
             run()  # one by one: nothing to run beside
         else:
             self.folds.append((node.path, needs, run))
@@ -171,7 +163,7 @@ class _Forward:
         queued = {path for path, _, _ in self.folds}
         ready = [run for _, needs, run in self.folds if not needs & queued]
         self.folds = [f for f in self.folds if f[1] & queued]
-        got = threads.run_tasks([*ready, *fns], [_FOLD_COST] * len(ready) + costs)
+        got = threads.run_tasks([*ready, *fns], [schedule.FOLD_COST] * len(ready) + costs)
         return got[len(ready) :]
 
     def _partial(self, node: Node) -> tuple[Tensor, Tensor]:
@@ -214,12 +206,31 @@ class _Forward:
                     if not uses[path]:
                         drop(path)
 
+        def arrive(path: tuple[int, ...], part: tuple[Tensor, Tensor]) -> None:
+            parts[path] = part
+            if not uses[path]:
+                drop(path)
+            ready(path)
+
         ready(None)  # rows no child reaches
-        for c in node.children:
-            parts[c] = self.node(self.plan.by_path[c])
-            if not uses[c]:
-                drop(c)
-            ready(c)
+        q, before = self.qkv[0], None  # the child whose arrival comes first
+        kids = [self.plan.by_path[c] for c in node.children]
+        for group in leaf_groups(kids, q.device, q.shape[0] * q.shape[1]):
+            c = group[0]
+            if not c.is_leaf:  # arrives when its fold runs, which may be queued
+                self._collect(c, functools.partial(arrive, c.path))
+                if self.folds and self.folds[-1][0] == c.path:
+                    self.folds[-1][1].update(before or ())  # arrivals one at a time
+                    before = {c.path}
+                continue
+            got = self._batch(
+                [functools.partial(self._leaf, c) for c in group],
+                [c.blocks.entries if c.blocks else 0 for c in group],
+            )
+            for c, part in zip(group, got, strict=True):  # after the batch: no fold runs
+                arrive(c.path, part)
+        while self.folds:
+            self._batch([], [])
         return out
 
 
@@ -331,7 +342,7 @@ class _Backward:
             self.ws.release(*part)
 
         q = self.xs[0]
-        defer = DEFER_FOLDS and threads.tasks_width(q.device) > 1
+        defer = schedule.DEFER_FOLDS and threads.tasks_width(q.device) > 1
         needs: set[tuple[int, ...]] = set()  # the child whose add into grads comes first
         for group in leaf_groups(
             [self.plan.by_path[c] for c in node.children], q.device, q.shape[0] * q.shape[1]
@@ -362,33 +373,3 @@ class _Backward:
         ready = [run for _, needs, run in self.adds if not needs & queued]
         self.adds = [a for a in self.adds if a[1] & queued]
         threads.run_in_order(fns, consume, side=ready)
-
-
-def leaf_groups(nodes: Sequence[Node], device: torch.device, heads: int = 1) -> list[list[Node]]:
-    """``nodes`` in order, in groups to run at once: each run of consecutive
-    leaves is one group where tasks may run at once on ``device`` here
-    (``threads.tasks_width``); every other node is a group of its own.
-
-    So that the threads end a run together, its last leaves (as many as the
-    width does not divide) are groups of their own, run one by one on the
-    whole width, when each computes at least ``TAIL_MIN`` score entries over
-    ``heads`` (batch entries times query heads); smaller ones gain less from
-    that than they lose to its hand-overs and to a thread the OS sets aside.
-    """
-    w = threads.tasks_width(device)
-    runs: list[list[Node]] = []
-    for n in nodes:
-        if w > 1 and n.is_leaf and runs and runs[-1][-1].is_leaf:
-            runs[-1].append(n)
-        else:
-            runs.append([n])
-    groups: list[list[Node]] = []
-    for run in runs:
-        cut = len(run) - len(run) % w
-        tail = run[cut:] if len(run) > 1 else []
-        if tail and all(n.blocks.entries * heads >= TAIL_MIN for n in tail):  # type: ignore[union-attr]
-            groups += [run[:cut]] if cut else []
-            groups += [[n] for n in tail]
-        else:
-            groups.append(run)
-    return groups

@@ -13,9 +13,9 @@ from sdpa_reference import BF16, F32, make_inputs
 
 from streamcqsa.attention import Engine
 from streamcqsa.cqs import divide
-from streamcqsa.kernels import threads, tree
+from streamcqsa.kernels import schedule, threads
 from streamcqsa.kernels.backend import get_backend
-from streamcqsa.kernels.tree import leaf_groups
+from streamcqsa.kernels.schedule import leaf_groups
 
 L, D = 700, 16
 
@@ -66,7 +66,7 @@ def test_leaves_at_once_give_the_bits_of_one_by_one(
     """Also with every run's last leaves split off (``tail``): those run one
     by one on the whole width, their runner calls in cells."""
     if tail:
-        monkeypatch.setattr(tree, "TAIL_MIN", 0)
+        monkeypatch.setattr(schedule, "TAIL_MIN", 0)
     depth = {"tree": 0, "flat-mid": 1, "flat-leaves": itr}[fold]
     one, work1 = _run(1, dtype, causal, itr, depth)
     assert max(spy) == 1  # width 1: every group is one leaf
@@ -119,11 +119,11 @@ def test_leaf_groups_keep_order_and_group_only_consecutive_leaves() -> None:
     small = _groups(_nodes(kinds, 1), 2, 4)
     assert small == [[0, 1], [2], [3], [4], [5], [6, 7, 8], [9], [10, 11, 12]]
     # large leaves: a run's last leaf that the width leaves over runs on its own
-    big = _groups(_nodes(kinds, tree.TAIL_MIN // 4), 2, 4)
+    big = _groups(_nodes(kinds, schedule.TAIL_MIN // 4), 2, 4)
     assert big == [[0, 1], [2], [3], [4], [5], [6, 7], [8], [9], [10, 11], [12]]
     # fewer large leaves than threads: one by one, each on the whole width
-    assert _groups(_nodes("LLL", tree.TAIL_MIN), 4) == [[0], [1], [2]]
-    assert _groups(_nodes("LLL", tree.TAIL_MIN - 1), 4) == [[0, 1, 2]]
+    assert _groups(_nodes("LLL", schedule.TAIL_MIN), 4) == [[0], [1], [2]]
+    assert _groups(_nodes("LLL", schedule.TAIL_MIN - 1), 4) == [[0, 1, 2]]
 
 
 # --- run_in_order -------------------------------------------------------------------

@@ -213,7 +213,8 @@ def test_tree_peaks_at_any_width_are_tree_rows(pool, monkeypatch, L, itr, causal
     """On a CPU width w >= 2 the trees run leaves at once and folds or adds
     beside later leaves, so they hold more than one by one. What they hold,
     measured, stays within ``footprint.tree_rows``, which the CPU unit model
-    counts; at width 1 it is exact."""
+    counts; at width 1 it is exact. The streamed forward (a unit writing
+    rows as they are final) keeps the plain tree's bits at every width."""
     from streamcqsa.attention import cached_plan
     from streamcqsa.cqs.footprint import tree_rows
     from streamcqsa.kernels import runner, threads
@@ -231,16 +232,31 @@ def test_tree_peaks_at_any_width_are_tree_rows(pool, monkeypatch, L, itr, causal
     def bwd(node, *xs, workspace=None):  # noqa: ANN001, ANN002, ANN202
         return runner.backward(*xs, node.blocks, workspace=workspace)
 
+    plain = forward_tree(plan, plan.root, (q, k, v), fwd, torch.float32)
     for w in (1, 2, 3):
         with threads.scope(w):
-            f, b = _Counting(), _Counting()
+            f, b, st = _Counting(), _Counting(), _Counting()
             forward_tree(plan, plan.root, (q, k, v), fwd, torch.float32, workspace=f)
             xs = (q, k, v, dout, out, lse)
             backward_tree(plan, plan.root, xs, bwd, torch.float32, workspace=b)
+            rows: list[int] = []
+            streamed = forward_tree(
+                plan,
+                plan.root,
+                (q, k, v),
+                fwd,
+                torch.float32,
+                on_rows=lambda a, z, *_, rows=rows: rows.append(z - a),
+                workspace=st,
+            )
+        assert sum(rows) == L
+        assert all(torch.equal(x, y) for x, y in zip(streamed, plain, strict=True))
         f_rows, b_rows = f.peak // (2 * 9 * 4), b.peak // (3 * 2 * 8 * 4)
+        st_rows = st.peak // (2 * 9 * 4)
         fwd_model = tree_rows(plan, plan.root, "fwd", w)
         bwd_model = tree_rows(plan, plan.root, "bwd", w)
         if w == 1:
+            assert st_rows == plan.streamed_fold_rows(plan.root)
             assert (f_rows, b_rows) == (fwd_model, bwd_model)
             assert (fwd_model, bwd_model) == (
                 plan.fold_rows(plan.root),
@@ -248,3 +264,6 @@ def test_tree_peaks_at_any_width_are_tree_rows(pool, monkeypatch, L, itr, causal
             )
         else:
             assert f_rows <= fwd_model and b_rows <= bwd_model
+            # streamed, the node's own rows are held from the start: the unit
+            # model counts them (``unit_host_bytes``: the rows written out)
+            assert st_rows <= fwd_model + plan.root.length
