@@ -67,14 +67,16 @@ def tree_rows(plan: Plan, node: Node, kind: str = "fwd", width: int = 1) -> int:
     one = plan.fold_rows(node) if kind == "fwd" else plan.summed_fold_rows(node)
     if width < 2 or node.is_leaf:
         return one
-    levels: dict[int, int] = {}
-    for n in plan.nodes:
-        if n.is_leaf or len(n.path) <= len(node.path) or n.path[: len(node.path)] != node.path:
-            continue  # a queued fold or add is an inner node strictly below ``node``
-        rows = n.length
-        if kind == "fwd":
-            rows += sum(plan.by_path[c].length for c in n.children)
+    levels: dict[int, int] = {}  # the most a queued inner node holds, per depth
+    below = [plan.by_path[c] for c in node.children]  # its subtree only: units tile the plan
+    while below:
+        n = below.pop()
+        if n.is_leaf:
+            continue
+        kids = [plan.by_path[c] for c in n.children]
+        rows = n.length + (sum(c.length for c in kids) if kind == "fwd" else 0)
         levels[n.depth] = max(levels.get(n.depth, 0), rows)
+        below += kids
     leaves = (2 * width - 1) * plan.longest_leaf(node) if kind == "bwd" else 0
     return one + sum(levels.values()) + leaves
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from streamcqsa.cqs.divide import Node, Plan
 from streamcqsa.kernels import schedule, threads
-from streamcqsa.kernels.fold import fold, merge_combine, merge_fold
+from streamcqsa.kernels.fold import Path, fold, merge_combine, merge_fold
 from streamcqsa.kernels.runner import accumulator_dtype
 from streamcqsa.kernels.schedule import leaf_groups
 from streamcqsa.kernels.tokens import leaf_tokens
@@ -38,6 +38,20 @@ from streamcqsa.kernels.workspace import Workspace
 # (leaf, q, k, v, fill_empty=, workspace=) -> (out, lse);
 # (leaf, q, k, v, dout, out, lse, workspace=) -> (dq, dk, dv)
 LeafRun = Callable[..., tuple[Tensor, ...]]
+
+
+# a fold or add waiting for the next batch of leaves: (its node, the nodes
+# whose own queued work must run first, the work)
+Queued = tuple[Path, set[Path], Callable[[], None]]
+
+
+def _take_ready(queue: list[Queued]) -> list[Callable[[], None]]:
+    """Remove and return the queued work whose predecessors have run (are no
+    longer queued); the rest stays, in order."""
+    queued = {path for path, _, _ in queue}
+    ready = [run for _, needs, run in queue if not needs & queued]
+    queue[:] = [q for q in queue if q[1] & queued]
+    return ready
 
 
 def forward_tree(
@@ -90,8 +104,7 @@ class _Forward:
     ) -> None:
         self.plan, self.qkv, self.leaf, self.dtype = plan, qkv, leaf, dtype
         self.base, self.before, self.ws, self.lend_base = base, before, ws, lend_base
-        # folds waiting to run: (node path, children whose folds come first, fold)
-        self.folds: list[tuple[tuple[int, ...], set[tuple[int, ...]], Callable[[], None]]] = []
+        self.folds: list[Queued] = []  # waiting for the next batch of leaves
 
     def node(
         self, node: Node, on_rows: Callable[[int, int, Tensor, Tensor], None] | None = None
@@ -131,8 +144,8 @@ class _Forward:
         the same partials in the same order, so the bits are unchanged; a
         node's children are held one batch of leaves longer."""
         q = self.qkv[0]
-        parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
-        needs: set[tuple[int, ...]] = set()  # children whose own folds come first
+        parts: dict[Path, tuple[Tensor, Tensor]] = {}
+        needs: set[Path] = set()  # children whose own folds come first
         kids = [self.plan.by_path[c] for c in node.children]
         for group in leaf_groups(kids, q.device, q.shape[0] * q.shape[1]):
             if not group[0].is_leaf:
@@ -160,9 +173,7 @@ class _Forward:
     def _batch(self, fns: list[Callable[[], Any]], costs: list[int]) -> list[Any]:
         """``fns``' results, run at once with every queued fold whose
         children's folds have run."""
-        queued = {path for path, _, _ in self.folds}
-        ready = [run for _, needs, run in self.folds if not needs & queued]
-        self.folds = [f for f in self.folds if f[1] & queued]
+        ready = _take_ready(self.folds)
         got = threads.run_tasks([*ready, *fns], [schedule.FOLD_COST] * len(ready) + costs)
         return got[len(ready) :]
 
@@ -184,12 +195,12 @@ class _Forward:
         sources = self.plan.merge_sources(node)
         waiting = [{path for path, _ in src.sources} for src in sources]
         uses = {c: sum(c in w for w in waiting) for c in node.children}
-        parts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        parts: dict[Path, tuple[Tensor, Tensor]] = {}
 
-        def drop(path: tuple[int, ...]) -> None:  # free a child once nothing reads it
+        def drop(path: Path) -> None:  # free a child once nothing reads it
             self.ws.release(*parts.pop(path))
 
-        def ready(done: tuple[int, ...] | None) -> None:
+        def ready(done: Path | None) -> None:
             for i, src in enumerate(sources):
                 if done is not None:
                     if done not in waiting[i]:
@@ -206,22 +217,22 @@ class _Forward:
                     if not uses[path]:
                         drop(path)
 
-        def arrive(path: tuple[int, ...], part: tuple[Tensor, Tensor]) -> None:
+        def arrive(path: Path, part: tuple[Tensor, Tensor]) -> None:
             parts[path] = part
             if not uses[path]:
                 drop(path)
             ready(path)
 
         ready(None)  # rows no child reaches
-        q, before = self.qkv[0], None  # the child whose arrival comes first
+        q, prev = self.qkv[0], None  # the child whose arrival comes first
         kids = [self.plan.by_path[c] for c in node.children]
         for group in leaf_groups(kids, q.device, q.shape[0] * q.shape[1]):
             c = group[0]
             if not c.is_leaf:  # arrives when its fold runs, which may be queued
                 self._collect(c, functools.partial(arrive, c.path))
                 if self.folds and self.folds[-1][0] == c.path:
-                    self.folds[-1][1].update(before or ())  # arrivals one at a time
-                    before = {c.path}
+                    self.folds[-1][1].update(prev or ())  # arrivals one at a time
+                    prev = {c.path}
                 continue
             got = self._batch(
                 [functools.partial(self._leaf, c) for c in group],
@@ -280,8 +291,7 @@ class _Backward:
     ) -> None:
         self.plan, self.xs, self.leaf, self.dtype = plan, xs, leaf, dtype
         self.base, self.ws, self.lend_base, self.before = base, ws, lend_base, before
-        # adds waiting to run: (node path, paths whose adds come first, add)
-        self.adds: list[tuple[tuple[int, ...], set[tuple[int, ...]], Callable[[], None]]] = []
+        self.adds: list[Queued] = []  # waiting for the next batch of leaves
 
     def node(self, node: Node) -> tuple[Tensor, Tensor, Tensor]:
         if node.is_leaf:
@@ -323,7 +333,7 @@ class _Backward:
             new((*t.shape[:2], node.length, t.shape[3]), dtype=acc, device=t.device)
             for t in self.xs[:3]
         )
-        pieces: dict[tuple[int, ...], list[tuple[int, int, int, bool]]] = {}
+        pieces: dict[Path, list[tuple[int, int, int, bool]]] = {}
         for src in self.plan.merge_sources(node, skip_empty=False):
             if not src.sources:  # rows no child holds
                 for g in grads:
@@ -331,7 +341,7 @@ class _Backward:
             for j, (path, off) in enumerate(src.sources):
                 pieces.setdefault(path, []).append((src.start, off, src.length, j == 0))
 
-        def add(path: tuple[int, ...], part: tuple[Tensor, ...]) -> None:
+        def add(path: Path, part: tuple[Tensor, ...]) -> None:
             for start, off, n, first in pieces.get(path, ()):
                 for g, p in zip(grads, part, strict=True):
                     dst, piece = g[:, :, start : start + n], p[:, :, off : off + n]
@@ -343,7 +353,7 @@ class _Backward:
 
         q = self.xs[0]
         defer = schedule.DEFER_FOLDS and threads.tasks_width(q.device) > 1
-        needs: set[tuple[int, ...]] = set()  # the child whose add into grads comes first
+        needs: set[Path] = set()  # the child whose add into grads comes first
         for group in leaf_groups(
             [self.plan.by_path[c] for c in node.children], q.device, q.shape[0] * q.shape[1]
         ):
@@ -354,7 +364,7 @@ class _Backward:
                     self.adds[-1][1].update(needs)
                     needs = {c.path}
                 continue
-            while needs & {path for path, _, _ in self.adds}:
+            while needs & {path for path, _, _ in self.adds}:  # its add has not run
                 self._batch([], lambda i, part: None)  # leaves add into grads next
             needs = set()
             self._batch(
@@ -369,7 +379,4 @@ class _Backward:
     def _batch(self, fns: list[Callable[[], Any]], consume: Callable[[int, Any], None]) -> None:
         """``fns`` run at once, ``consume``d in order, beside every queued add
         whose predecessors have run."""
-        queued = {path for path, _, _ in self.adds}
-        ready = [run for _, needs, run in self.adds if not needs & queued]
-        self.adds = [a for a in self.adds if a[1] & queued]
-        threads.run_in_order(fns, consume, side=ready)
+        threads.run_in_order(fns, consume, side=_take_ready(self.adds))
