@@ -4,7 +4,8 @@ Rows, all measured in this process:
 
 1. engine vs torch SDPA, and the store pipeline vs SDPA, same inputs (B=1, H, L, D),
    causal and not, itr 1-3, interleaved per repeat, ratios of medians, peak RSS;
-   then all again beside one CPU-bound process (``bench/busy.py``);
+   then all again beside one CPU-bound process (``bench/busy.py``), and the
+   plan's kernel calls alone against SDPA, both on one thread (``bench/floor.py``);
 2. block-sparse leaves vs the paper's dense masked leaves: every leaf of the
    plan run both ways with the same CPU flash kernel (the dense way with an
    explicit additive mask over the leaf's whole square), in work and in time;
@@ -48,6 +49,7 @@ from streamcqsa.storage import create
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overlap  # noqa: E402  (bench/ is not a package)
 from busy import busy_rows  # noqa: E402
+from floor import floor_rows  # noqa: E402
 from results_readme import git_commit  # noqa: E402
 from table import markdown, row, timed  # noqa: E402
 
@@ -338,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += busy_rows(
             partial(sdpa_rows, a.seq_len, a.heads, a.head_dim, a.reps, itrs, itrs, dtypes)
         )
+    rows += floor_rows(a.seq_len, a.heads, a.head_dim, a.reps, itrs, dtypes)
     cuda = torch.cuda.is_available()
     if cuda:
         rows += sdpa_rows(

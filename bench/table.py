@@ -129,6 +129,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "same load in the same repeats, so the ratio says how much worse than SDPA the "
         "engine degrades when a core is shared. The note gives the cores the neighbour "
         "actually held (see docs/speed.md).",
+        "- *kernel floor (one thread)*: `bench/floor.py`; ours = every kernel call of "
+        "the plan, inputs cut before the clock starts, one after another; baseline = "
+        "SDPA; both on one thread. No schedule of the plan's calls beats this ratio on "
+        "any number of cores, so it is the floor under the engine's ratio at that itr; "
+        "the note gives the engine on one thread, whose distance from the floor is "
+        "the work around the calls (gathers, merges, folds).",
         "- *block-sparse vs dense leaves*: every leaf of the plan, run alone with the "
         "same CPU flash kernel: ours skips masked blocks; the paper's way runs the "
         "leaf's whole square with an explicit -inf mask, evaluating (k²/n)^itr of the "

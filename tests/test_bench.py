@@ -41,12 +41,15 @@ def test_bench_suite_smoke(tmp_path):
     assert sections >= {
         "engine vs SDPA",
         "pipeline vs SDPA",
+        "kernel floor (one thread)",
         "block-sparse vs dense leaves",
         "I/O overlap",
         "estimate model",
     }
     pipe = [r for r in data["rows"] if r["section"] == "pipeline vs SDPA"]
     assert sorted({r["itr"] for r in pipe}) == [1, 2, 3]
+    floor = [r for r in data["rows"] if r["section"] == "kernel floor (one thread)"]
+    assert len(floor) == 2 * 2 * 3 and all(r["ratio"] > 0 for r in floor)  # dtypes, causal, itr
     dense = [r for r in data["rows"] if r["section"] == "block-sparse vs dense leaves"]
     assert all(r["base_work"] > r["work"] for r in dense)
     md = (tmp_path / "suite-quick.md").read_text()
