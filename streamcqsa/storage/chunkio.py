@@ -6,6 +6,12 @@ without zarr's per-chunk codec pipeline, all chunks of a selection fetched
 concurrently. zarr reads what this writes and the other way round. Arrays
 with any other codecs take zarr's own path.
 
+Chunk files of a local store go through a small pool of plain threads; other
+stores through zarr's event loop. A local read or write is a copy to or from
+the page cache and a crc, work for a core rather than a wait, so threads
+beyond the cores only take turns, and each hop through an event loop costs
+more than the copy of a small chunk (docs/speed.md).
+
 A chunk a read needs that is not stored raises ``MissingChunkError`` (see
 ``integrity``), unless the caller passes ``missing_ok``. Writes always store
 every chunk, even one that is all fill value, so that "absent" never means
@@ -17,7 +23,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import threading
 import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,41 @@ from streamcqsa.storage.integrity import (
 )
 
 _PROTO = default_buffer_prototype()
-_CONCURRENCY = 64
+_CONCURRENCY = 64  # requests in flight to a store other than local files
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _local_threads() -> int:
+    """Threads for local chunk files: the cores and two more, at most 8 (a
+    file not in the page cache waits on the disk meanwhile)."""
+    return min(8, (os.cpu_count() or 1) + 2)
+
+
+def _each(fn: Callable[..., Any], jobs: Sequence[tuple]) -> list:
+    """``fn(*job)`` for every job, on the local-file threads; every one is
+    waited for (they fill the caller's memory), then the first failure in
+    ``jobs`` order is raised. The jobs never wait on each other."""
+    global _pool
+    if len(jobs) < 2:
+        return [fn(*job) for job in jobs]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_local_threads(), thread_name_prefix="streamcqsa-chunkio")
+        pool = _pool
+    futures = [pool.submit(fn, *job) for job in jobs]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+def _after_fork() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # the parent's threads do not exist here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def fast_path(arr: Any) -> bool:
@@ -212,22 +255,22 @@ def read(
         fast = [p[3] and out[p[2]].flags.c_contiguous for p in places]
         direct = [p for p, f in zip(places, fast, strict=True) if f]
         rest = [p for p, f in zip(places, fast, strict=True) if not f]
-        if direct:
 
-            async def one(coord: tuple[int, ...], dst: tuple) -> None:
-                region = out[dst]
-                try:
-                    found = await asyncio.to_thread(_read_into, root / _key(arr, coord), region)
-                except ValueError:
-                    raise CorruptChunkError(arr.path, coord) from None
-                if not found:
-                    gone.append(coord)
-                    region[...] = fill
+        def one(coord: tuple[int, ...], dst: tuple) -> None:
+            region = out[dst]
+            try:
+                found = _read_into(root / _key(arr, coord), region)
+            except ValueError:
+                raise CorruptChunkError(arr.path, coord) from None
+            if not found:
+                gone.append(coord)
+                region[...] = fill
 
-            sync(_gather([one(c, d) for c, _, d, _ in direct]))
+        _each(one, [(c, d) for c, _, d, _ in direct])
     else:
         rest = places
-    bufs = sync(_gather([arr.store.get(_key(arr, c), _PROTO) for c, _, _, _ in rest]))
+    gets = [arr.store.get(_key(arr, c), _PROTO) for c, _, _, _ in rest]
+    bufs = sync(_gather(gets)) if gets else []
     for (coord, src, dst, _), buf in zip(rest, bufs, strict=True):
         if buf is None:
             gone.append(coord)
@@ -253,13 +296,14 @@ def write(arr: Any, sel: tuple, data: np.ndarray) -> None:
     dtype = np.dtype(arr.dtype)
     full = np.asarray(data, dtype=dtype).reshape([z - a for a, z in bounds])
     coros = []
+    files: list[tuple[Path, list[np.ndarray]]] = []
     nbytes = int(np.prod(arr.chunks)) * dtype.itemsize
     root = local_root(arr)
     for coord in _chunks(arr, bounds):
         if root is not None:
             pieces = _whole_chunk_pieces(arr, bounds, coord, full)
             if pieces is not None:  # straight from the caller's memory to the file
-                coros.append(asyncio.to_thread(_write_file, root / _key(arr, coord), pieces))
+                files.append((root / _key(arr, coord), pieces))
                 continue
         # one copy per chunk: the data goes straight into the encoded bytes
         raw = np.empty(nbytes + 4, dtype=np.uint8)
@@ -280,5 +324,7 @@ def write(arr: Any, sel: tuple, data: np.ndarray) -> None:
             np.uint32(google_crc32c.value(raw[:nbytes])).tobytes(), dtype=np.uint8
         )
         coros.append(arr.store.set(_key(arr, coord), _PROTO.buffer.from_array_like(raw)))
-    sync(_gather(coros))
+    _each(_write_file, files)
+    if coros:
+        sync(_gather(coros))
     del keep

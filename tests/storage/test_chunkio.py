@@ -42,3 +42,48 @@ def test_direct_writes_equal_zarr_writes(tmp_path, dtype, chunks):
     assert np.array_equal(np.asarray(zarr.open_array(tmp_path / "mine" / "x")[:]), data)
     got = chunkio.read(mine, (slice(0, 2), slice(0, 3), slice(0, 200)))
     assert np.array_equal(got, data)
+
+
+def test_local_jobs_all_end_before_the_first_failure_is_raised():
+    """Local chunk reads fill the caller's buffer: every job has ended when
+    the call returns or raises, and the failure raised is the first in job
+    order, whichever thread failed first."""
+    import threading
+    import time
+
+    ended = []
+    lock = threading.Lock()
+
+    def job(i: int) -> int:
+        time.sleep(0.02 if i in (0, 5) else 0.0)
+        with lock:
+            ended.append(i)
+        if i in (3, 5):
+            raise ValueError(f"job {i}")
+        return i * i
+
+    assert chunkio._each(job, [(i,) for i in range(3)]) == [0, 1, 4]
+    ended.clear()
+    with pytest.raises(ValueError, match="job 3"):
+        chunkio._each(job, [(i,) for i in range(8)])
+    assert sorted(ended) == list(range(8))
+
+
+def test_a_corrupt_chunk_among_many_local_reads_is_named(tmp_path):
+    """Many chunks read at once: good ones land, and a damaged one is named."""
+    from streamcqsa.errors import StoreError
+
+    shape, chunks = (1, 2, 512, 8), (1, 1, 64, 8)
+    arr = zarr.open_group(tmp_path, mode="w").create_array(
+        "x", shape=shape, **array_kwargs("float32", chunks)
+    )
+    data = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    chunkio.write(arr, (slice(0, 1), slice(0, 2), slice(0, 512)), data)
+    out = np.empty(shape, dtype="float32")
+    assert np.array_equal(chunkio.read(arr, (slice(0, 1), slice(0, 2), slice(0, 512)), out), data)
+    f = tmp_path / "x" / "c" / "0" / "1" / "5" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[7] ^= 1
+    f.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"\(0, 1, 5, 0\)"):
+        chunkio.read(arr, (slice(0, 1), slice(0, 2), slice(0, 512)), out)
