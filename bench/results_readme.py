@@ -64,7 +64,7 @@ def _suite() -> list[str] | None:
     measured = meta.get("commit") or f"{commit} (the commit that recorded the files)"
     return [
         "| `suite.md`, `suite.json` | the CPU suite: engine and pipeline vs torch SDPA, "
-        "block-sparse vs dense leaves, I/O overlap, the estimate model "
+        "the kernel floor, block-sparse vs dense leaves, I/O overlap, the estimate model "
         f"| `{meta.get('command', 'make bench')}` (`python bench/run.py`, "
         f"{meta.get('wall_s', 0):.0f} s) | {meta.get('machine', '?')}, "
         f"{meta.get('threads', '?')} torch threads, torch {meta.get('torch', '?')}"
