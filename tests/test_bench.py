@@ -1,7 +1,8 @@
 """The benchmark suite runs end to end (``bench/run.py --quick`` at toy sizes).
 
-Marked ``slow``: it runs every bench section, so it stays out of ``make test``
-(``pytest -m slow tests/test_bench.py`` runs it).
+The smoke run is marked ``slow``: it runs every bench section, so it stays out
+of ``make test`` (``pytest -m slow tests/test_bench.py`` runs it). The check
+that the kernel floor times the engine's own calls is small and runs always.
 """
 
 from __future__ import annotations
@@ -54,3 +55,37 @@ def test_bench_suite_smoke(tmp_path):
     assert all(r["base_work"] > r["work"] for r in dense)
     md = (tmp_path / "suite-quick.md").read_text()
     assert md.count("\n| ") >= len(data["rows"]) and "GPU" in md
+
+
+def test_kernel_floor_times_the_engines_own_calls(monkeypatch):
+    """The floor must time exactly the kernel calls the engine makes for the
+    plan: the same shapes and causal flags, as many of each (random inputs,
+    a causal plan whose triangles are split, itr 2)."""
+    import sys
+    from collections import Counter
+
+    import torch
+
+    import streamcqsa
+    from streamcqsa.cqs import divide
+    from streamcqsa.kernels import threads, torch_ops
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import floor
+
+    seen: Counter = Counter()
+    op = torch_ops._cpu_op
+
+    def counted(q, k, v, causal, scale):  # noqa: ANN001, ANN202
+        seen[(tuple(q.shape), tuple(k.shape), causal)] += 1
+        return op(q, k, v, causal, scale)
+
+    monkeypatch.setattr(torch_ops, "_cpu_op", counted)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 2048, 32, generator=g) for _ in range(3))
+    with threads.scope(1):
+        streamcqsa.attention(q, k, v, itr=2, is_causal=True)
+        engine, seen = seen, Counter()
+        floor.kernels_alone(divide(2048, 2, 3, is_causal=True), q, k, v)
+    assert engine and seen == engine
+    assert any(c for (_, _, c) in engine) and any(not c for (_, _, c) in engine)
